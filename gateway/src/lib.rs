@@ -1,0 +1,1 @@
+//! tagway: a TCP service-mesh gateway for Consul and Nomad.

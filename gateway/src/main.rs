@@ -1,0 +1,3 @@
+fn main() {
+    println!("tagway {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,1 @@
+//! The Consul catalog provider.

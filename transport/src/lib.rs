@@ -1,0 +1,1 @@
+//! Dialing backends as a serversTransport says.
