@@ -1,1 +1,8 @@
 //! tagway: a TCP service-mesh gateway for Consul and Nomad.
+//!
+//! The data plane: entry points, SNI peek and routing, TLS passthrough and termination, smooth
+//! weighted round-robin over healthy servers, TCP health checks, proxying with half-close and
+//! `terminationDelay`, hot reload of the dynamic configuration and graceful drain.
+#![warn(missing_docs)]
+
+pub mod clienthello;
