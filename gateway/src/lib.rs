@@ -6,3 +6,9 @@
 #![warn(missing_docs)]
 
 pub mod clienthello;
+pub mod balancer;
+pub mod dial;
+pub mod health;
+pub mod metrics;
+pub mod middleware;
+pub mod proxy_in;
