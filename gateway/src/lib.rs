@@ -12,3 +12,4 @@ pub mod health;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy_in;
+pub mod copy;
