@@ -96,8 +96,28 @@ pub enum Peer {
 pub struct Balancer {
     peers: Vec<(i64, Peer)>,
     current: Mutex<Vec<i64>>,
-    /// Counters of the service this balancer belongs to.
+    /// The service this balancer implements (name, transport, counters).
+    pub service: Arc<ServiceInfo>,
+}
+
+/// What a service carries besides its peers.
+#[derive(Debug, Default)]
+pub struct ServiceInfo {
+    /// The service name (`name@provider`).
+    pub name: String,
+    /// The transport its servers are dialled with (load balancers only).
+    pub transport: Option<crate::dial::Transport>,
+    /// Counters of the service.
     pub counters: Counters,
+}
+
+/// A picked server and the load-balancer service it belongs to.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    /// The server.
+    pub server: Arc<ServerState>,
+    /// Its load-balancer service.
+    pub service: Arc<ServiceInfo>,
 }
 
 /// Servers already tried for one connection (the next pick skips them).
@@ -106,11 +126,16 @@ pub type Tried = Vec<Arc<ServerState>>;
 impl Balancer {
     /// A balancer over `peers` with their weights.
     pub fn new(peers: Vec<(u32, Peer)>) -> Self {
+        Self::with_service(peers, Arc::default())
+    }
+
+    /// A balancer over `peers` implementing `service`.
+    pub fn with_service(peers: Vec<(u32, Peer)>, service: Arc<ServiceInfo>) -> Self {
         let n = peers.len();
         Balancer {
             peers: peers.into_iter().map(|(w, p)| (i64::from(w), p)).collect(),
             current: Mutex::new(vec![0; n]),
-            counters: Counters::default(),
+            service,
         }
     }
 
@@ -141,11 +166,11 @@ impl Balancer {
     }
 
     /// Picks a server, skipping those in `tried`; `None` when no server is available.
-    pub fn pick(&self, tried: &Tried) -> Option<Arc<ServerState>> {
+    pub fn pick(&self, tried: &Tried) -> Option<Pick> {
         self.pick_inner(now_ms(), tried, 0)
     }
 
-    fn pick_inner(&self, now: u64, tried: &Tried, depth: u8) -> Option<Arc<ServerState>> {
+    fn pick_inner(&self, now: u64, tried: &Tried, depth: u8) -> Option<Pick> {
         let mut skip: u64 = 0; // children that turned out empty in this pick (≤ 64 tracked)
         for _ in 0..self.peers.len().max(1) {
             let idx = {
@@ -169,7 +194,12 @@ impl Balancer {
                 b
             };
             match &self.peers[idx].1 {
-                Peer::Server(s) => return Some(s.clone()),
+                Peer::Server(s) => {
+                    return Some(Pick {
+                        server: s.clone(),
+                        service: self.service.clone(),
+                    });
+                }
                 Peer::Service(inner) => {
                     if let Some(s) = inner.pick_inner(now, tried, depth + 1) {
                         return Some(s);
@@ -207,7 +237,7 @@ mod tests {
     }
 
     fn name(b: &Balancer) -> String {
-        b.pick(&Vec::new()).map(|s| s.address.clone()).unwrap_or_default()
+        b.pick(&Vec::new()).map(|p| p.server.address.clone()).unwrap_or_default()
     }
 
     #[test]
@@ -240,12 +270,12 @@ mod tests {
         }
         let tried = vec![s[0].clone()];
         for _ in 0..10 {
-            assert_eq!(b.pick(&tried).unwrap().address, "s2:1");
+            assert_eq!(b.pick(&tried).unwrap().server.address, "s2:1");
         }
         let tried = vec![s[0].clone(), s[2].clone()];
         assert!(b.pick(&tried).is_none());
         s[1].set_healthy(true);
-        assert_eq!(b.pick(&tried).unwrap().address, "s1:1");
+        assert_eq!(b.pick(&tried).unwrap().server.address, "s1:1");
     }
 
     #[tokio::test(start_paused = true)]
@@ -271,7 +301,7 @@ mod tests {
         ]);
         let mut count_c = 0;
         for _ in 0..400 {
-            let s = top.pick(&Vec::new()).unwrap();
+            let s = top.pick(&Vec::new()).unwrap().server;
             if Arc::ptr_eq(&s, &c[0]) {
                 count_c += 1;
             }
@@ -280,7 +310,7 @@ mod tests {
         a[0].set_healthy(false);
         a[1].set_healthy(false);
         for _ in 0..10 {
-            assert!(Arc::ptr_eq(&top.pick(&Vec::new()).unwrap(), &c[0]));
+            assert!(Arc::ptr_eq(&top.pick(&Vec::new()).unwrap().server, &c[0]));
         }
     }
 }

@@ -13,3 +13,5 @@ pub mod metrics;
 pub mod middleware;
 pub mod proxy_in;
 pub mod copy;
+pub mod rule_text;
+pub mod tls;
