@@ -107,6 +107,8 @@ pub struct ServiceInfo {
     pub name: String,
     /// The transport its servers are dialled with (load balancers only).
     pub transport: Option<crate::dial::Transport>,
+    /// How long the other side may stay open after one side closed (None = no deadline).
+    pub termination_delay: Option<Duration>,
     /// Counters of the service.
     pub counters: Counters,
 }

@@ -15,3 +15,5 @@ pub mod proxy_in;
 pub mod copy;
 pub mod rule_text;
 pub mod tls;
+pub mod router;
+pub mod runtime;
