@@ -239,14 +239,21 @@ mod tests {
     }
 
     fn name(b: &Balancer) -> String {
-        b.pick(&Vec::new()).map(|p| p.server.address.clone()).unwrap_or_default()
+        b.pick(&Vec::new())
+            .map(|p| p.server.address.clone())
+            .unwrap_or_default()
     }
 
     #[test]
     fn smooth_three_to_one() {
         let (_, b) = servers(&[3, 1]);
         let seq: Vec<String> = (0..8).map(|_| name(&b)).collect();
-        assert_eq!(seq, ["s0:1", "s0:1", "s1:1", "s0:1", "s0:1", "s0:1", "s1:1", "s0:1"]);
+        assert_eq!(
+            seq,
+            [
+                "s0:1", "s0:1", "s1:1", "s0:1", "s0:1", "s0:1", "s1:1", "s0:1"
+            ]
+        );
     }
 
     #[test]

@@ -174,7 +174,8 @@ fn sniff_need(buf: &[u8], limit: usize) -> Result<(Sniff, usize), PeekError> {
             if hs[0] != HANDSHAKE_CLIENT_HELLO {
                 return Ok((Sniff::NotTls, 0));
             }
-            let msg_len = (usize::from(hs[1]) << 16) | (usize::from(hs[2]) << 8) | usize::from(hs[3]);
+            let msg_len =
+                (usize::from(hs[1]) << 16) | (usize::from(hs[2]) << 8) | usize::from(hs[3]);
             // The records carrying the message need at least 5 header bytes per 16 KiB.
             if msg_len + 4 + 5 * (msg_len / 16384 + 1) > limit {
                 return Err(PeekError::TooLarge { limit });
@@ -353,7 +354,10 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         for n in 1..framed.len() {
-            assert_eq!(sniff(&framed[..n], DEFAULT_MAX_PEEK).unwrap(), Sniff::NeedMore);
+            assert_eq!(
+                sniff(&framed[..n], DEFAULT_MAX_PEEK).unwrap(),
+                Sniff::NeedMore
+            );
         }
     }
 
@@ -378,10 +382,7 @@ mod tests {
         ));
         // A record header announcing a huge handshake message.
         let buf = [22, 3, 1, 0x40, 0, 1, 0xff, 0xff, 0xff];
-        assert!(matches!(
-            sniff(&buf, 1000),
-            Err(PeekError::TooLarge { .. })
-        ));
+        assert!(matches!(sniff(&buf, 1000), Err(PeekError::TooLarge { .. })));
     }
 
     #[test]
@@ -446,7 +447,9 @@ mod tests {
         // Nothing sent: plaintext (server-first protocol).
         let (_a, mut b) = tokio::io::duplex(64);
         let mut buf = Vec::new();
-        let got = peek(&mut b, &mut buf, 1024, Duration::from_secs(1)).await.unwrap();
+        let got = peek(&mut b, &mut buf, 1024, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(got, Peeked::Plain);
         // Part of a hello, then silence: error.
         let (mut a, mut b) = tokio::io::duplex(64);
@@ -454,7 +457,10 @@ mod tests {
         a.write_all(&[22, 3, 1, 0, 50, 1]).await.unwrap();
         let mut buf = Vec::new();
         let got = peek(&mut b, &mut buf, 1024, Duration::from_secs(1)).await;
-        assert!(matches!(got, Err(PeekError::Timeout { read: 6, .. })), "{got:?}");
+        assert!(
+            matches!(got, Err(PeekError::Timeout { read: 6, .. })),
+            "{got:?}"
+        );
         // EOF mid-hello.
         drop(a);
         let mut buf = vec![22];

@@ -395,7 +395,14 @@ mod tests {
         ((a, b), (c, d))
     }
 
-    async fn run(engine: u8, delay: Option<Duration>) -> (TcpStream, TcpStream, tokio::task::JoinHandle<(Outcome, Transferred)>) {
+    async fn run(
+        engine: u8,
+        delay: Option<Duration>,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(Outcome, Transferred)>,
+    ) {
         let ((client, mut pc), (mut pb, backend)) = pairs().await;
         let h = tokio::spawn(async move {
             match engine {

@@ -79,7 +79,10 @@ impl DialErrorReason {
 
     /// Position in [`DialErrorReason::ALL`].
     pub fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).unwrap_or(Self::COUNT - 1)
+        Self::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(Self::COUNT - 1)
     }
 }
 

@@ -76,14 +76,19 @@ pub async fn check_once(
             .await
             .map_err(|e| e.to_string())?;
         if let Some(send) = &spec.send {
-            s.write_all(send).await.map_err(|e| format!("sending: {e}"))?;
+            s.write_all(send)
+                .await
+                .map_err(|e| format!("sending: {e}"))?;
             s.flush().await.map_err(|e| format!("sending: {e}"))?;
         }
         if let Some(expect) = &spec.expect {
             let mut got = Vec::with_capacity(expect.len());
             let mut buf = [0u8; 512];
             while got.len() < expect.len() {
-                let n = s.read(&mut buf).await.map_err(|e| format!("reading: {e}"))?;
+                let n = s
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("reading: {e}"))?;
                 if n == 0 {
                     break;
                 }
@@ -238,7 +243,12 @@ mod tests {
         drop(l);
         let server = Arc::new(ServerState::new(addr.to_string(), 1, false));
         let mut hc = HealthChecks::default();
-        hc.spawn("svc", spec(None, None), transport(), &[server.clone()]);
+        hc.spawn(
+            "svc",
+            spec(None, None),
+            transport(),
+            std::slice::from_ref(&server),
+        );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while server.is_healthy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

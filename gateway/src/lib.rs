@@ -5,15 +5,18 @@
 //! `terminationDelay`, hot reload of the dynamic configuration and graceful drain.
 #![warn(missing_docs)]
 
-pub mod clienthello;
 pub mod balancer;
+pub mod clienthello;
+pub mod conn;
+pub mod copy;
 pub mod dial;
+pub mod entrypoint;
 pub mod health;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy_in;
-pub mod copy;
-pub mod rule_text;
-pub mod tls;
 pub mod router;
+pub mod rule_text;
 pub mod runtime;
+pub mod server;
+pub mod tls;

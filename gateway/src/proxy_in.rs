@@ -224,7 +224,11 @@ mod tests {
     async fn v1_in_pieces_keeps_the_rest() {
         let (mut a, mut b) = tokio::io::duplex(1024);
         let w = tokio::spawn(async move {
-            for part in [&b"PROXY TCP4 192.0.2.1 "[..], b"198.51.100.2 5555 443\r\nhel", b"lo"] {
+            for part in [
+                &b"PROXY TCP4 192.0.2.1 "[..],
+                b"198.51.100.2 5555 443\r\nhel",
+                b"lo",
+            ] {
                 a.write_all(part).await.unwrap();
                 tokio::task::yield_now().await;
             }
@@ -239,7 +243,11 @@ mod tests {
         assert_eq!(got.dst, "198.51.100.2:443".parse().unwrap());
         let _a = w.await.unwrap();
         let mut rest = [0u8; 8];
-        let n = if buf.len() < 5 { b.read(&mut rest).await.unwrap() } else { 0 };
+        let n = if buf.len() < 5 {
+            b.read(&mut rest).await.unwrap()
+        } else {
+            0
+        };
         buf.extend_from_slice(&rest[..n]);
         assert!(b"hello".starts_with(&buf) && !buf.is_empty(), "{buf:?}");
     }

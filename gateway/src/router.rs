@@ -188,30 +188,71 @@ mod tests {
         let t = EntryTable::new(vec![
             route("catch", "HostSNI(`*`)", TlsMode::None, None),
             route("a", "HostSNI(`a.example`)", TlsMode::Passthrough, None),
-            route("long", "HostSNI(`a.example`) && ClientIP(`10.0.0.0/8`)", TlsMode::Terminate, None),
-            route("re", "HostSNIRegexp(`^.+\\.re\\.example$`)", TlsMode::Passthrough, None),
+            route(
+                "long",
+                "HostSNI(`a.example`) && ClientIP(`10.0.0.0/8`)",
+                TlsMode::Terminate,
+                None,
+            ),
+            route(
+                "re",
+                "HostSNIRegexp(`^.+\\.re\\.example$`)",
+                TlsMode::Passthrough,
+                None,
+            ),
             route("h2", "ALPN(`h2`)", TlsMode::Passthrough, Some(1)),
         ]);
         assert!(t.needs_peek());
         let none: &[String] = &[];
         let h2 = ["h2".to_string()];
         let name = |c: ConnInfo<'_>| t.route(&c).map(|r| r.name.clone());
-        assert_eq!(name(info(Some("a.example"), none, "10.1.1.1")).as_deref(), Some("long"));
-        assert_eq!(name(info(Some("a.example"), none, "::ffff:10.1.1.1")).as_deref(), Some("long"));
-        assert_eq!(name(info(Some("a.example"), none, "192.0.2.1")).as_deref(), Some("a"));
-        assert_eq!(name(info(Some("x.re.example"), none, "192.0.2.1")).as_deref(), Some("re"));
-        assert_eq!(name(info(Some("zzz"), &h2, "192.0.2.1")).as_deref(), Some("h2"));
+        assert_eq!(
+            name(info(Some("a.example"), none, "10.1.1.1")).as_deref(),
+            Some("long")
+        );
+        assert_eq!(
+            name(info(Some("a.example"), none, "::ffff:10.1.1.1")).as_deref(),
+            Some("long")
+        );
+        assert_eq!(
+            name(info(Some("a.example"), none, "192.0.2.1")).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            name(info(Some("x.re.example"), none, "192.0.2.1")).as_deref(),
+            Some("re")
+        );
+        assert_eq!(
+            name(info(Some("zzz"), &h2, "192.0.2.1")).as_deref(),
+            Some("h2")
+        );
         // TLS without a TLS match and plaintext fall to the catch-all.
-        assert_eq!(name(info(Some("zzz"), none, "192.0.2.1")).as_deref(), Some("catch"));
-        assert_eq!(name(info(None, none, "192.0.2.1")).as_deref(), Some("catch"));
+        assert_eq!(
+            name(info(Some("zzz"), none, "192.0.2.1")).as_deref(),
+            Some("catch")
+        );
+        assert_eq!(
+            name(info(None, none, "192.0.2.1")).as_deref(),
+            Some("catch")
+        );
     }
 
     #[test]
     fn plaintext_without_catch_all_is_unrouted() {
-        let t = EntryTable::new(vec![route("a", "HostSNI(`a.example`)", TlsMode::Passthrough, None)]);
+        let t = EntryTable::new(vec![route(
+            "a",
+            "HostSNI(`a.example`)",
+            TlsMode::Passthrough,
+            None,
+        )]);
         let none: &[String] = &[];
         assert!(t.route(&info(None, none, "127.0.0.1")).is_none());
-        let t = EntryTable::new(vec![route("ip", "ClientIP(`127.0.0.0/8`)", TlsMode::None, None)]);
+        let t = EntryTable::new(vec![route(
+            "ip",
+            "ClientIP(`127.0.0.0/8`)",
+            TlsMode::None,
+            None,
+        )]);
         assert!(!t.needs_peek());
         assert!(t.route(&info(None, none, "127.0.0.1")).is_some());
         assert!(t.route(&info(None, none, "10.0.0.1")).is_none());
@@ -219,10 +260,17 @@ mod tests {
 
     #[test]
     fn tls_need() {
-        assert!(!needs_tls(&parse("HostSNI(`*`) && !ClientIP(`10.0.0.1`)").unwrap()));
+        assert!(!needs_tls(
+            &parse("HostSNI(`*`) && !ClientIP(`10.0.0.1`)").unwrap()
+        ));
         assert!(needs_tls(&parse("HostSNI(`a`)").unwrap()));
-        assert!(needs_tls(&parse("ClientIP(`10.0.0.1`) || ALPN(`h2`)").unwrap()));
+        assert!(needs_tls(
+            &parse("ClientIP(`10.0.0.1`) || ALPN(`h2`)").unwrap()
+        ));
         assert!(is_catch_all(&parse("HostSNI(`*`)").unwrap()));
-        assert_eq!(default_priority("HostSNI(`*`)", &parse("HostSNI(`*`)").unwrap()), i64::MIN);
+        assert_eq!(
+            default_priority("HostSNI(`*`)", &parse("HostSNI(`*`)").unwrap()),
+            i64::MIN
+        );
     }
 }

@@ -141,8 +141,9 @@ mod tests {
 
     #[test]
     fn reads_the_grammar() {
-        let r = parse("HostSNI(`a.example`, `B.example`) || (ALPN(`h2`) && !ClientIP(`10.0.0.0/8`))")
-            .unwrap();
+        let r =
+            parse("HostSNI(`a.example`, `B.example`) || (ALPN(`h2`) && !ClientIP(`10.0.0.0/8`))")
+                .unwrap();
         assert_eq!(
             r.to_string(),
             "(HostSNI(`a.example`, `b.example`) || (ALPN(`h2`) && !ClientIP(`10.0.0.0/8`)))"

@@ -104,7 +104,10 @@ impl Ctx<'_> {
             return s.clone();
         }
         if stack.iter().any(|s| s == name) {
-            return Err(format!("weighted services form a cycle: {} -> {name}", stack.join(" -> ")));
+            return Err(format!(
+                "weighted services form a cycle: {} -> {name}",
+                stack.join(" -> ")
+            ));
         }
         let Some(svc) = self.dynamic.tcp.services.get(name) else {
             return Err(format!("service {name} does not exist"));
@@ -227,7 +230,10 @@ pub fn compile(
             (None, Some(f)) if f.amount > 0 => Ok(Arc::new(Middleware::InFlightConn(
                 InFlightConn::new(f.amount as u64),
             ))),
-            (None, Some(f)) => Err(format!("inFlightConn.amount must be positive, got {}", f.amount)),
+            (None, Some(f)) => Err(format!(
+                "inFlightConn.amount must be positive, got {}",
+                f.amount
+            )),
             _ => Err("a middleware needs exactly one of ipAllowList or inFlightConn".into()),
         };
         if let Err(e) = &res {
@@ -344,7 +350,9 @@ fn compile_router(
     let service = cx.service(&r.service, &mut Vec::new())?;
     Ok(Arc::new(Route {
         name: name.to_owned(),
-        priority: r.priority.unwrap_or_else(|| default_priority(&r.rule, &rule)),
+        priority: r
+            .priority
+            .unwrap_or_else(|| default_priority(&r.rule, &rule)),
         rule,
         tls,
         middlewares: chain,
@@ -396,8 +404,14 @@ mod tests {
                 load_balancer: None,
                 weighted: Some(Weighted {
                     services: vec![
-                        WeightedService { name: "a@file".into(), weight: Some(2) },
-                        WeightedService { name: "w@file".into(), weight: Some(1) },
+                        WeightedService {
+                            name: "a@file".into(),
+                            weight: Some(2),
+                        },
+                        WeightedService {
+                            name: "w@file".into(),
+                            weight: Some(1),
+                        },
                     ],
                 }),
             },
@@ -407,19 +421,37 @@ mod tests {
             service: svc.into(),
             ..Default::default()
         };
-        d.tcp.routers.insert("ok@file".into(), router("HostSNI(`*`)", "a@file"));
-        d.tcp.routers.insert("cycle@file".into(), router("HostSNI(`*`)", "w@file"));
-        d.tcp.routers.insert("needs-tls@file".into(), router("HostSNI(`a.example`)", "a@file"));
-        d.tcp.routers.insert("missing@file".into(), router("HostSNI(`*`)", "nope@file"));
+        d.tcp
+            .routers
+            .insert("ok@file".into(), router("HostSNI(`*`)", "a@file"));
+        d.tcp
+            .routers
+            .insert("cycle@file".into(), router("HostSNI(`*`)", "w@file"));
+        d.tcp.routers.insert(
+            "needs-tls@file".into(),
+            router("HostSNI(`a.example`)", "a@file"),
+        );
+        d.tcp
+            .routers
+            .insert("missing@file".into(), router("HostSNI(`*`)", "nope@file"));
         let mut bad_ep = router("HostSNI(`*`)", "a@file");
         bad_ep.entry_points = vec!["other".into()];
         d.tcp.routers.insert("bad-ep@file".into(), bad_ep);
         let (t, errs) = compile(&d, &st(), None);
         let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert!(msgs.iter().any(|m| m.contains("cycle")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.starts_with("router needs-tls@file")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("nope@file does not exist")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("entry point(s) other")), "{msgs:?}");
+        assert!(
+            msgs.iter().any(|m| m.starts_with("router needs-tls@file")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains("nope@file does not exist")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains("entry point(s) other")),
+            "{msgs:?}"
+        );
         assert!(t.routers.contains_key("ok@file"));
         assert!(!t.routers.contains_key("cycle@file"));
         assert!(!t.entry_points["tcp"].needs_peek());

@@ -48,7 +48,9 @@ fn source_name(f: &tagway_config::FileOrContent) -> String {
 }
 
 /// Loads one certificate entry; returns the key and the DNS names it is valid for.
-pub fn load_certificate(e: &CertificateEntry) -> Result<(Arc<CertifiedKey>, Vec<String>), CertError> {
+pub fn load_certificate(
+    e: &CertificateEntry,
+) -> Result<(Arc<CertifiedKey>, Vec<String>), CertError> {
     let read = |what, f: &tagway_config::FileOrContent| {
         f.read().map_err(|err| CertError::Read {
             what,
@@ -106,7 +108,10 @@ impl SniResolver {
     pub fn add(&mut self, key: Arc<CertifiedKey>, names: &[String]) {
         for n in names {
             match n.strip_prefix("*.") {
-                Some(suffix) => self.wildcard.entry(suffix.to_owned()).or_insert(key.clone()),
+                Some(suffix) => self
+                    .wildcard
+                    .entry(suffix.to_owned())
+                    .or_insert(key.clone()),
                 None => self.exact.entry(n.clone()).or_insert(key.clone()),
             };
         }
@@ -187,8 +192,10 @@ mod tests {
     use super::*;
 
     fn cert(names: &[&str]) -> CertificateEntry {
-        let c = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
+        let c = rcgen::generate_simple_self_signed(
+            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
         CertificateEntry {
             cert_file: tagway_config::FileOrContent(c.cert.pem()),
             key_file: tagway_config::FileOrContent(c.signing_key.serialize_pem()),

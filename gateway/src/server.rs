@@ -1,0 +1,259 @@
+//! The gateway: binds the entry points of the static configuration, compiles every dynamic
+//! configuration it receives into runtime tables (swapped atomically), serves connections, and
+//! drains on shutdown.
+//!
+//! ```no_run
+//! # async fn example(static_cfg: tagway_config::StaticConfig,
+//! #     rx: tokio::sync::watch::Receiver<std::sync::Arc<tagway_config::Dynamic>>) -> Result<(), tagway::server::GatewayError> {
+//! let mut gw = tagway::server::Gateway::new(static_cfg);
+//! gw.bind()?; // listeners are bound before run (tests use port 0 and read local_addr)
+//! gw.run(rx, tagway::server::shutdown_signal()).await
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tagway_config::{Dynamic, StaticConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::conn::{EntryPointState, Options};
+use crate::entrypoint::{self, BindError};
+use crate::metrics::EntryPointCounters;
+use crate::proxy_in::ProxyInbound;
+use crate::runtime::{self, Tables};
+
+/// Why the gateway cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// An entry point cannot be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// An entry point's `proxyProtocol.trustedIPs` holds an invalid range.
+    #[error("entry point {entry_point}: proxyProtocol.trustedIPs: {source}")]
+    TrustedIps {
+        /// The entry point.
+        entry_point: String,
+        /// The error.
+        source: crate::middleware::RangeError,
+    },
+}
+
+/// A view of the running gateway: current tables and entry-point counters (for metrics, admin and
+/// tests).
+#[derive(Clone, Debug)]
+pub struct GatewayHandle {
+    tables: Arc<ArcSwap<Tables>>,
+    entry_points: Arc<HashMap<String, Arc<EntryPointCounters>>>,
+    generation: watch::Receiver<u64>,
+}
+
+impl GatewayHandle {
+    /// The tables in use now.
+    pub fn tables(&self) -> Arc<Tables> {
+        self.tables.load_full()
+    }
+
+    /// Counters of an entry point.
+    pub fn entry_point(&self, name: &str) -> Option<&Arc<EntryPointCounters>> {
+        self.entry_points.get(name)
+    }
+
+    /// Waits until at least `n` configurations have been applied (the first one is 1).
+    pub async fn applied(&mut self, n: u64) {
+        let _ = self.generation.wait_for(|g| *g >= n).await;
+    }
+}
+
+/// The TCP gateway.
+pub struct Gateway {
+    static_cfg: StaticConfig,
+    options: Arc<Options>,
+    listeners: Vec<(String, TcpListener)>,
+    tables: Arc<ArcSwap<Tables>>,
+    counters: Arc<HashMap<String, Arc<EntryPointCounters>>>,
+    generation: (watch::Sender<u64>, watch::Receiver<u64>),
+}
+
+impl Gateway {
+    /// A gateway for `static_cfg` (entry points, default transport, shutdown grace period).
+    pub fn new(static_cfg: StaticConfig) -> Self {
+        let counters = static_cfg
+            .entry_points
+            .keys()
+            .map(|k| (k.clone(), Arc::new(EntryPointCounters::default())))
+            .collect();
+        Gateway {
+            static_cfg,
+            options: Arc::new(Options::default()),
+            listeners: Vec::new(),
+            tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
+            counters: Arc::new(counters),
+            generation: watch::channel(0),
+        }
+    }
+
+    /// Replaces the data-plane tunables.
+    pub fn with_options(mut self, options: Options) -> Self {
+        self.options = Arc::new(options);
+        self
+    }
+
+    /// Binds every entry point (idempotent). Must run inside a tokio runtime.
+    pub fn bind(&mut self) -> Result<(), GatewayError> {
+        if !self.listeners.is_empty() {
+            return Ok(());
+        }
+        for (name, ep) in &self.static_cfg.entry_points {
+            let l = entrypoint::bind(name, &ep.address)?;
+            tracing::info!(entry_point = %name, address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+            self.listeners.push((name.clone(), l));
+        }
+        Ok(())
+    }
+
+    /// The bound address of an entry point (after [`Gateway::bind`]).
+    pub fn local_addr(&self, entry_point: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == entry_point)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    /// A handle on the running state.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            tables: self.tables.clone(),
+            entry_points: self.counters.clone(),
+            generation: self.generation.1.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` resolves: applies every configuration `config_rx` carries (the
+    /// current one at once), then on shutdown stops accepting, waits for open connections up to
+    /// `shutdown.gracePeriod` and closes the rest.
+    pub async fn run(
+        mut self,
+        mut config_rx: watch::Receiver<Arc<Dynamic>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), GatewayError> {
+        self.bind()?;
+        let static_cfg = Arc::new(self.static_cfg.clone());
+        // First configuration, then a task applying every change.
+        apply(&static_cfg, &self.tables, &config_rx.borrow_and_update());
+        let gen_tx = self.generation.0.clone();
+        gen_tx.send_modify(|g| *g += 1);
+        let reload = {
+            let static_cfg = static_cfg.clone();
+            let tables = self.tables.clone();
+            tokio::spawn(async move {
+                while config_rx.changed().await.is_ok() {
+                    let cfg = config_rx.borrow_and_update().clone();
+                    apply(&static_cfg, &tables, &cfg);
+                    gen_tx.send_modify(|g| *g += 1);
+                }
+            })
+        };
+
+        let grace = static_cfg
+            .shutdown
+            .grace_period
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut loops = Vec::new();
+        for (name, listener) in std::mem::take(&mut self.listeners) {
+            let ep_cfg = &static_cfg.entry_points[&name];
+            let proxy_in = match &ep_cfg.proxy_protocol {
+                Some(p) => Some(ProxyInbound::new(&p.trusted_ips, p.insecure).map_err(
+                    |source| GatewayError::TrustedIps {
+                        entry_point: name.clone(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
+            let counters = self.counters[&name].clone();
+            let state = Arc::new(EntryPointState {
+                name: name.as_str().into(),
+                proxy_in,
+                counters: counters.clone(),
+            });
+            let tables = self.tables.clone();
+            let opts = self.options.clone();
+            loops.push(tokio::spawn(entrypoint::accept_loop(
+                state.name.clone(),
+                listener,
+                ep_cfg.max_connections,
+                counters,
+                stop_rx.clone(),
+                grace,
+                move |stream, peer| {
+                    crate::conn::serve(
+                        stream,
+                        peer,
+                        state.clone(),
+                        tables.load_full(),
+                        opts.clone(),
+                    )
+                },
+            )));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new connections");
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        reload.abort();
+        Ok(())
+    }
+}
+
+/// Compiles `cfg` and swaps it in, logging what could not be compiled.
+fn apply(static_cfg: &StaticConfig, tables: &ArcSwap<Tables>, cfg: &Dynamic) {
+    let prev = tables.load_full();
+    let (new, errors) = runtime::compile(cfg, static_cfg, Some(&prev));
+    for e in &errors {
+        tracing::error!(error = %e, "configuration resource skipped");
+    }
+    tracing::info!(
+        routers = new.routers.len(),
+        services = new.services.len(),
+        health_checks = new.health_checks(),
+        "configuration applied"
+    );
+    tables.store(Arc::new(new));
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => tracing::info!("SIGTERM received"),
+                    _ = i.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
