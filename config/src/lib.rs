@@ -20,6 +20,7 @@ mod node;
 pub mod origin;
 pub mod rule;
 pub mod static_config;
+pub mod tags;
 pub mod tls;
 mod toml_reader;
 mod yaml_reader;
