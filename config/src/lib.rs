@@ -23,6 +23,7 @@ pub mod static_config;
 pub mod tags;
 pub mod tls;
 mod toml_reader;
+mod validate;
 mod yaml_reader;
 
 pub use duration::Duration;
@@ -34,3 +35,7 @@ pub use origin::Origin;
 pub use rule::Rule;
 pub use static_config::*;
 pub use tls::{ClientCertificate, FileOrContent};
+pub use validate::{
+    DEFAULT_TRANSPORT, ResourceError, ResourceKind, Validated, by_resource, merge, provider_of,
+    qualify, summary, validate, validate_without_static,
+};

@@ -55,6 +55,9 @@ fn read_file(path: &Path) -> Result<(String, Format, Source), ConfigError> {
     Ok((text, format, Source::File(Arc::from(path))))
 }
 
+/// Origins recorded per key path.
+type Origins = BTreeMap<String, Origin>;
+
 /// Removes every node written at `origin`; true when something was removed.
 fn remove_at(node: &mut Node, origin: &Origin) -> bool {
     let mut removed = false;
@@ -84,7 +87,7 @@ fn remove_at(node: &mut Node, origin: &Origin) -> bool {
 /// removed and deserialization is retried (bounded), so one mistake doesn't hide the next.
 pub(crate) fn deserialize_collecting<T: for<'de> Deserialize<'de>>(
     root: &mut Node,
-) -> (Option<(T, BTreeMap<String, Origin>)>, Vec<DeError>) {
+) -> (Option<(T, Origins)>, Vec<DeError>) {
     let mut errors = Vec::new();
     for _ in 0..256 {
         let ctx = Ctx::default();

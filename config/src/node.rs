@@ -51,27 +51,6 @@ impl Node {
         Node::new(Value::Scalar(text.into(), Kind::Str), origin)
     }
 
-    /// An empty table.
-    pub(crate) fn map(origin: Origin) -> Node {
-        Node::new(Value::Map(Vec::new()), origin)
-    }
-
-    /// The entries when the node is a table.
-    pub(crate) fn entries(&self) -> Option<&[Entry]> {
-        match &self.value {
-            Value::Map(m) => Some(m),
-            _ => None,
-        }
-    }
-
-    /// The entries when the node is a table.
-    pub(crate) fn entries_mut(&mut self) -> Option<&mut Vec<Entry>> {
-        match &mut self.value {
-            Value::Map(m) => Some(m),
-            _ => None,
-        }
-    }
-
     /// A short description of the value's type, for errors.
     pub(crate) fn type_name(&self) -> &'static str {
         match &self.value {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::mem::MaybeUninit;
 
-use unsafe_libyaml_norway as sys;
+use unsafe_libyaml_norway as unsafe_sys;
 
 use crate::error::ConfigError;
 use crate::node::{Entry, Kind, Node, Value};
@@ -46,7 +46,7 @@ struct YamlError {
 
 /// Safe iterator over libyaml events of a borrowed input.
 struct Events<'a> {
-    parser: Box<MaybeUninit<sys::yaml_parser_t>>,
+    parser: Box<MaybeUninit<unsafe_sys::yaml_parser_t>>,
     // The parser reads from this buffer until it is deleted in `drop`.
     _input: &'a [u8],
     done: bool,
@@ -54,18 +54,18 @@ struct Events<'a> {
 
 impl<'a> Events<'a> {
     fn new(input: &'a str) -> Events<'a> {
-        let mut parser = Box::new(MaybeUninit::<sys::yaml_parser_t>::uninit());
+        let mut parser = Box::new(MaybeUninit::<unsafe_sys::yaml_parser_t>::uninit());
         // SAFETY: `parser` is a valid, heap-pinned allocation for a yaml_parser_t;
         // yaml_parser_initialize fully initialises it (it only fails on allocation failure).
         // The input buffer outlives the parser: it is borrowed for 'a and the parser is
         // deleted in `drop`, before the borrow ends.
         unsafe {
             let p = parser.as_mut_ptr();
-            if sys::yaml_parser_initialize(p).fail {
+            if unsafe_sys::yaml_parser_initialize(p).fail {
                 panic!("libyaml: out of memory initialising the parser");
             }
-            sys::yaml_parser_set_encoding(p, sys::YAML_UTF8_ENCODING);
-            sys::yaml_parser_set_input_string(p, input.as_ptr(), input.len() as u64);
+            unsafe_sys::yaml_parser_set_encoding(p, unsafe_sys::YAML_UTF8_ENCODING);
+            unsafe_sys::yaml_parser_set_input_string(p, input.as_ptr(), input.len() as u64);
         }
         Events {
             parser,
@@ -75,12 +75,12 @@ impl<'a> Events<'a> {
     }
 
     fn next(&mut self) -> Result<(Event, Mark), YamlError> {
-        let mut event = MaybeUninit::<sys::yaml_event_t>::uninit();
+        let mut event = MaybeUninit::<unsafe_sys::yaml_event_t>::uninit();
         // SAFETY: the parser was initialised in `new`; `event` is written by yaml_parser_parse
         // on success and deleted right after being converted (all data is copied out).
         unsafe {
             let p = self.parser.as_mut_ptr();
-            if self.done || sys::yaml_parser_parse(p, event.as_mut_ptr()).fail {
+            if self.done || unsafe_sys::yaml_parser_parse(p, event.as_mut_ptr()).fail {
                 self.done = true;
                 return Err(error_of(&*p));
             }
@@ -90,7 +90,7 @@ impl<'a> Events<'a> {
                 column: ev.start_mark.column,
             };
             let converted = convert(ev);
-            sys::yaml_event_delete(event.as_mut_ptr());
+            unsafe_sys::yaml_event_delete(event.as_mut_ptr());
             if matches!(converted, Event::StreamEnd) {
                 self.done = true;
             }
@@ -102,7 +102,7 @@ impl<'a> Events<'a> {
 impl Drop for Events<'_> {
     fn drop(&mut self) {
         // SAFETY: initialised in `new`, deleted exactly once here.
-        unsafe { sys::yaml_parser_delete(self.parser.as_mut_ptr()) }
+        unsafe { unsafe_sys::yaml_parser_delete(self.parser.as_mut_ptr()) }
     }
 }
 
@@ -123,18 +123,18 @@ unsafe fn opt_string(p: *const u8) -> Option<String> {
 
 /// # Safety
 /// `ev` must be an event produced by yaml_parser_parse and not yet deleted.
-unsafe fn convert(ev: &sys::yaml_event_t) -> Event {
+unsafe fn convert(ev: &unsafe_sys::yaml_event_t) -> Event {
     // SAFETY: each union field is read only for the event type that defines it.
     unsafe {
         match ev.type_ {
-            sys::YAML_STREAM_START_EVENT => Event::StreamStart,
-            sys::YAML_STREAM_END_EVENT => Event::StreamEnd,
-            sys::YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
-            sys::YAML_DOCUMENT_END_EVENT => Event::DocumentEnd,
-            sys::YAML_ALIAS_EVENT => {
+            unsafe_sys::YAML_STREAM_START_EVENT => Event::StreamStart,
+            unsafe_sys::YAML_STREAM_END_EVENT => Event::StreamEnd,
+            unsafe_sys::YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
+            unsafe_sys::YAML_DOCUMENT_END_EVENT => Event::DocumentEnd,
+            unsafe_sys::YAML_ALIAS_EVENT => {
                 Event::Alias(opt_string(ev.data.alias.anchor).unwrap_or_default())
             }
-            sys::YAML_SCALAR_EVENT => {
+            unsafe_sys::YAML_SCALAR_EVENT => {
                 let s = ev.data.scalar;
                 let bytes = if s.value.is_null() {
                     &[][..]
@@ -145,17 +145,17 @@ unsafe fn convert(ev: &sys::yaml_event_t) -> Event {
                     anchor: opt_string(s.anchor),
                     tag: opt_string(s.tag),
                     value: String::from_utf8_lossy(bytes).into_owned(),
-                    plain: s.style == sys::YAML_PLAIN_SCALAR_STYLE,
+                    plain: s.style == unsafe_sys::YAML_PLAIN_SCALAR_STYLE,
                 }
             }
-            sys::YAML_SEQUENCE_START_EVENT => {
+            unsafe_sys::YAML_SEQUENCE_START_EVENT => {
                 Event::SequenceStart(opt_string(ev.data.sequence_start.anchor))
             }
-            sys::YAML_SEQUENCE_END_EVENT => Event::SequenceEnd,
-            sys::YAML_MAPPING_START_EVENT => {
+            unsafe_sys::YAML_SEQUENCE_END_EVENT => Event::SequenceEnd,
+            unsafe_sys::YAML_MAPPING_START_EVENT => {
                 Event::MappingStart(opt_string(ev.data.mapping_start.anchor))
             }
-            sys::YAML_MAPPING_END_EVENT => Event::MappingEnd,
+            unsafe_sys::YAML_MAPPING_END_EVENT => Event::MappingEnd,
             _ => Event::StreamEnd,
         }
     }
@@ -163,7 +163,7 @@ unsafe fn convert(ev: &sys::yaml_event_t) -> Event {
 
 /// # Safety
 /// `p` must be an initialised parser.
-unsafe fn error_of(p: &sys::yaml_parser_t) -> YamlError {
+unsafe fn error_of(p: &unsafe_sys::yaml_parser_t) -> YamlError {
     // SAFETY: problem/context are null or NUL-terminated static strings of libyaml.
     unsafe {
         YamlError {
