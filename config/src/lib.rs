@@ -29,7 +29,7 @@ mod yaml_reader;
 pub use duration::Duration;
 pub use dynamic::*;
 pub use error::{ConfigError, Warning};
-pub use load::{Format, load_dynamic_file, load_dynamic_str, load_static};
+pub use load::{Format, from_str, load_dynamic_file, load_dynamic_str, load_static};
 pub use meta::Meta;
 pub use origin::Origin;
 pub use rule::Rule;

@@ -155,6 +155,30 @@ pub fn load_dynamic_str(text: &str, format: Format, origin: &str) -> Result<Dyna
     dynamic_from_node(root, None, false)
 }
 
+/// Reads any serde type from TOML or YAML text with the same rules as the configuration files
+/// (case-insensitive keys, unknown keys rejected, Traefik's scalar conversions); `origin` names
+/// the text in errors.
+pub fn from_str<T: serde::de::DeserializeOwned>(
+    text: &str,
+    format: Format,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    let source = Source::Text(Arc::from(origin));
+    let mut root = parse(text, format, &source)?;
+    let (value, errors) = deserialize_collecting::<T>(&mut root);
+    match value {
+        Some((v, _)) if errors.is_empty() => Ok(v),
+        _ => Err(
+            ConfigError::from_list(errors.into_iter().map(ConfigError::from).collect())
+                .unwrap_or_else(|| ConfigError::Invalid {
+                    key: String::new(),
+                    origin: None,
+                    message: "invalid value".to_owned(),
+                }),
+        ),
+    }
+}
+
 /// Node tree → dynamic configuration. `from_tags` allows tag-only keys (`loadBalancer.server`).
 pub(crate) fn dynamic_from_node(
     mut root: Node,
