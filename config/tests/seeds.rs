@@ -248,7 +248,8 @@ fn addresses(d: &Dynamic, svc: &str) -> Vec<String> {
 
 #[test]
 fn placeholder_addresses_are_rejected_with_the_fix() {
-    let cases: [(&str, &[&str], &[(u32, u32)]); 6] = [
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [(u32, u32)]);
+    let cases: [Case<'_>; 6] = [
         (
             "services-reference.two-servers.yaml",
             &[
