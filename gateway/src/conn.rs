@@ -16,6 +16,8 @@ use crate::clienthello::{self, Peeked};
 use crate::copy::{self, Outcome, Transferred};
 use crate::dial::{BackendStream, ClientAddrs};
 use crate::metrics::{Counters, EntryPointCounters};
+use crate::observability::counters::Failure;
+use crate::observability::tally::Tally;
 use crate::proxy_in::{self, ProxyInbound};
 use crate::router::{ConnInfo, Route, TlsMode};
 use crate::runtime::Tables;
@@ -56,6 +58,8 @@ pub struct EntryPointState {
     pub proxy_in: Option<ProxyInbound>,
     /// Counters.
     pub counters: Arc<EntryPointCounters>,
+    /// Where access-log records go (None: access log off).
+    pub access_log: Option<crate::observability::accesslog::AccessLogSender>,
 }
 
 /// A stream that first yields `prefix` (bytes already read), then the inner stream.
@@ -110,6 +114,7 @@ pub async fn serve(
     tables: Arc<Tables>,
     opts: Arc<Options>,
 ) {
+    let mut tally = Tally::start(&ep, peer);
     let mut stream = stream;
     let mut buf: Vec<u8> = Vec::new();
     let local = stream.local_addr().unwrap_or(peer);
@@ -127,11 +132,13 @@ pub async fn serve(
                 client = ClientAddrs {
                     src: a.src,
                     dst: a.dst,
-                }
+                };
+                tally.client(a.src);
             }
             Ok(None) => {}
             Err(e) => {
                 EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
+                tally.fail(Failure::ProxyProtocol);
                 tracing::debug!(entry_point = %ep.name, error = %e, "PROXY header refused");
                 return;
             }
@@ -139,6 +146,7 @@ pub async fn serve(
     }
     let Some(table) = tables.entry_points.get(&*ep.name) else {
         EntryPointCounters::inc(&ep.counters.unrouted);
+        tally.fail(Failure::NoRoute);
         return;
     };
     let peeked = if table.needs_peek() {
@@ -146,6 +154,10 @@ pub async fn serve(
             Ok(p) => p,
             Err(e) => {
                 EntryPointCounters::inc(&ep.counters.peek_errors);
+                tally.fail(match e {
+                    clienthello::PeekError::Timeout { .. } => Failure::PeekTimeout,
+                    _ => Failure::PeekError,
+                });
                 tracing::debug!(entry_point = %ep.name, client = %client.src, error = %e, "ClientHello peek failed");
                 return;
             }
@@ -155,6 +167,7 @@ pub async fn serve(
     };
     if ep.proxy_in.is_some() && !trusted && proxy_in::looks_like_header(&buf) && buf.len() >= 5 {
         EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
+        tally.fail(Failure::ProxyProtocol);
         tracing::debug!(entry_point = %ep.name, peer = %peer, "PROXY header from an untrusted address refused");
         return;
     }
@@ -170,13 +183,16 @@ pub async fn serve(
     };
     let Some(route) = table.route(&info).cloned() else {
         EntryPointCounters::inc(&ep.counters.unrouted);
+        tally.fail(Failure::NoRoute);
         tracing::debug!(entry_point = %ep.name, client = %client.src, sni = ?sni, tls = is_tls, "no router matches; closing");
         return;
     };
+    tally.routed(&route, sni);
     let _guards = match crate::middleware::apply(&route.middlewares, client.src.ip()) {
         Ok(g) => g,
         Err(r) => {
             EntryPointCounters::inc(&ep.counters.refused);
+            tally.refused(&route, r);
             tracing::debug!(router = %route.name, client = %client.src, reason = r.as_str(), "refused by a middleware");
             return;
         }
@@ -185,6 +201,7 @@ pub async fn serve(
     if route.tls == TlsMode::Terminate && is_tls {
         let Some(cfg) = tables.tls.clone() else {
             EntryPointCounters::inc(&ep.counters.tls_errors);
+            tally.tls_failed();
             return;
         };
         drop(tables);
@@ -198,30 +215,35 @@ pub async fn serve(
             Ok(s) => s,
             Err(e) => {
                 EntryPointCounters::inc(&ep.counters.tls_errors);
+                tally.tls_failed();
                 tracing::debug!(router = %route.name, client = %client.src, error = %e, "TLS handshake failed");
                 return;
             }
         };
-        let Some((pick, mut backend)) = dial(&route, client, &opts).await else {
+        let Some((pick, mut backend)) = dial(&route, client, &opts, &mut tally).await else {
             return;
         };
+        tally.connected(&pick);
         let _srv_open = pick.server.counters.open();
         let _svc_open = pick.service.counters.open();
         let (outcome, t) =
             copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
+        tally.finished(&pick, &t, &outcome);
         account(&route, &pick, t, &outcome);
         return;
     }
     drop(tables);
-    let Some((pick, mut backend)) = dial(&route, client, &opts).await else {
+    let Some((pick, mut backend)) = dial(&route, client, &opts, &mut tally).await else {
         return;
     };
+    tally.connected(&pick);
     let _srv_open = pick.server.counters.open();
     let _svc_open = pick.service.counters.open();
     let initial = buf.len() as u64;
     if !buf.is_empty() {
         if let Err(e) = backend.write_all(&buf).await {
             tracing::debug!(server = %pick.server.address, error = %e, "writing the peeked bytes failed");
+            tally.finished(&pick, &Transferred::default(), &Outcome::Error(e));
             return;
         }
         buf = Vec::new();
@@ -234,13 +256,14 @@ pub async fn serve(
         _ => copy::copy_buffered(&mut stream, &mut backend, delay).await,
     };
     t.to_backend += initial;
+    tally.finished(&pick, &t, &outcome);
     account(&route, &pick, t, &outcome);
 }
 
 fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
     for c in [
-        &route.counters,
-        &pick.service.counters,
+        &*route.counters,
+        &*pick.service.counters,
         &pick.server.counters,
     ] {
         c.add_bytes(t.to_backend, t.to_client);
@@ -252,7 +275,12 @@ fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
 
 /// Picks and dials a server, trying the next one on failure (bounded attempts); failed servers
 /// are held out for a while.
-async fn dial(route: &Route, client: ClientAddrs, opts: &Options) -> Option<(Pick, BackendStream)> {
+async fn dial(
+    route: &Route,
+    client: ClientAddrs,
+    opts: &Options,
+    tally: &mut Tally<'_>,
+) -> Option<(Pick, BackendStream)> {
     let mut tried: Tried = Vec::new();
     let svc_counters: &Counters = &route.service.service.counters;
     for _ in 0..opts.dial_attempts.max(1) {
@@ -268,7 +296,9 @@ async fn dial(route: &Route, client: ClientAddrs, opts: &Options) -> Option<(Pic
             .await
         {
             Ok(s) => {
-                let us = start.elapsed().as_micros() as u64;
+                let took = start.elapsed();
+                pick.server.counters.dial_duration.observe(took);
+                let us = took.as_micros() as u64;
                 pick.server
                     .counters
                     .dial_micros
@@ -289,6 +319,14 @@ async fn dial(route: &Route, client: ClientAddrs, opts: &Options) -> Option<(Pic
     svc_counters
         .no_server
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tally.fail_route(
+        route,
+        if tried.is_empty() {
+            Failure::NoHealthyServer
+        } else {
+            Failure::DialFailed
+        },
+    );
     tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client.src,
         "no server available; closing the connection");
     None

@@ -5,6 +5,7 @@
 //! `terminationDelay`, hot reload of the dynamic configuration and graceful drain.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod balancer;
 pub mod clienthello;
 pub mod conn;
@@ -14,6 +15,7 @@ pub mod entrypoint;
 pub mod health;
 pub mod metrics;
 pub mod middleware;
+pub mod observability;
 pub mod proxy_in;
 pub mod router;
 pub mod rule_text;
