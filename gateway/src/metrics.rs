@@ -4,9 +4,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::dial::DialErrorReason;
-use crate::observability::counters::{
-    ConnectionBuckets, DialBuckets, FailureCounters, Histogram,
-};
+use crate::observability::counters::{ConnectionBuckets, DialBuckets, FailureCounters, Histogram};
 
 /// Counters of a router, a service or a server.
 #[derive(Debug, Default)]

@@ -193,11 +193,19 @@ async fn every_endpoint() {
     assert!(body.contains(r#""waitingFor":["consulcatalog"]"#), "{body}");
 
     // Consul fails once, then delivers (with one tag that does not validate).
-    obs.provider_failed("consulcatalog", &"GET http://127.0.0.1:8500/v1/catalog/services: connection refused");
+    obs.provider_failed(
+        "consulcatalog",
+        &"GET http://127.0.0.1:8500/v1/catalog/services: connection refused",
+    );
     let errors = get_json(admin, "/api/errors").await;
     assert_eq!(errors[0]["stage"], "provider");
     assert_eq!(errors[0]["provider"], "consulcatalog");
-    assert!(errors[0]["message"].as_str().unwrap().contains("connection refused"));
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("connection refused")
+    );
     let consul = consul_part(e1);
     obs.provider_updated("consulcatalog", &consul);
     obs.validated(&[ResourceError {
@@ -310,10 +318,7 @@ async fn every_endpoint() {
         json!([{"name": "app@file", "weight": 1}, {"name": "web@consulcatalog", "weight": 1}])
     );
     assert_eq!(split["usedBy"], json!(["split@file"]));
-    assert_eq!(
-        get(admin, "/api/tcp/services/nope@file").await.0,
-        404
-    );
+    assert_eq!(get(admin, "/api/tcp/services/nope@file").await.0, 404);
 
     // /api/tcp/middlewares
     let mws = get_json(admin, "/api/tcp/middlewares").await;
@@ -396,14 +401,22 @@ async fn every_endpoint() {
     assert_eq!(
         m.get(
             "tagway_tls_certificate_not_after_timestamp_seconds",
-            &[("kind", "server"), ("cn", "term.example"), ("sans", "term.example")]
+            &[
+                ("kind", "server"),
+                ("cn", "term.example"),
+                ("sans", "term.example")
+            ]
         ),
         server_pki.not_after as f64
     );
     assert_eq!(
         m.get(
             "tagway_tls_certificate_not_after_timestamp_seconds",
-            &[("kind", "client"), ("resource", "mtls@file"), ("cn", "gateway.client")]
+            &[
+                ("kind", "client"),
+                ("resource", "mtls@file"),
+                ("cn", "gateway.client")
+            ]
         ),
         client_pki.not_after as f64
     );
@@ -414,7 +427,10 @@ async fn every_endpoint() {
         ),
         1.0
     );
-    assert_eq!(m.get("tagway_config_errors", &[("provider", "consulcatalog")]), 1.0);
+    assert_eq!(
+        m.get("tagway_config_errors", &[("provider", "consulcatalog")]),
+        1.0
+    );
     assert_eq!(m.get("tagway_config_errors", &[("provider", "file")]), 1.0);
     assert_eq!(
         m.get(
@@ -426,7 +442,10 @@ async fn every_endpoint() {
 
     // Unknown paths answer JSON 404s.
     let (status, _, body) = get(admin, "/api/nope").await;
-    assert_eq!((status, body.as_str()), (404, r#"{"message":"404 page not found"}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (404, r#"{"message":"404 page not found"}"#)
+    );
 
     // No answer ever holds a secret.
     let key_line = |pem: &str| {

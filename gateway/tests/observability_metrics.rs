@@ -9,9 +9,7 @@ use std::time::Duration;
 use obs_support::*;
 use tagway::conn::Options;
 use tagway::observability::{Observability, consul};
-use tagway_config::{
-    Dynamic, HealthCheck, InFlightConn, IpAllowList, Middleware, RouterTls,
-};
+use tagway_config::{Dynamic, HealthCheck, InFlightConn, IpAllowList, Middleware, RouterTls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -21,7 +19,12 @@ const EPS: &[&str] = &[
 const PAYLOAD: usize = 1000;
 const CONNECTIONS: usize = 4;
 
-async fn config() -> (Dynamic, std::net::SocketAddr, std::net::SocketAddr, std::net::SocketAddr) {
+async fn config() -> (
+    Dynamic,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
     let e1 = echo_backend().await;
     let e2 = echo_backend().await;
     let dead = closed_port().await;
@@ -63,8 +66,14 @@ async fn config() -> (Dynamic, std::net::SocketAddr, std::net::SocketAddr, std::
     let mut limited = router("limited", "HostSNI(`*`)", "limited@file");
     limited.middlewares = vec!["limit@file".into()];
     r.insert("limited@file".into(), limited);
-    r.insert("zero@file".into(), router("zero", "HostSNI(`*`)", "zero@file"));
-    r.insert("dial@file".into(), router("dial", "HostSNI(`*`)", "dial@file"));
+    r.insert(
+        "zero@file".into(),
+        router("zero", "HostSNI(`*`)", "zero@file"),
+    );
+    r.insert(
+        "dial@file".into(),
+        router("dial", "HostSNI(`*`)", "dial@file"),
+    );
     let mut tls = router("tls", "HostSNI(`a.example`)", "tls@file");
     tls.tls = Some(RouterTls {
         passthrough: true,
@@ -116,7 +125,10 @@ async fn known_traffic_gives_exact_metrics() {
     // peek_timeout: the start of a TLS record, then a stall (a silent client would be taken for
     // a server-first protocol and find no router).
     let mut stall = TcpStream::connect(gw.addr("tls")).await.unwrap();
-    stall.write_all(&[0x16, 0x03, 0x01, 0x00, 0x50, 0x01]).await.unwrap();
+    stall
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x50, 0x01])
+        .await
+        .unwrap();
     let mut buf = [0u8; 8];
     let r = tokio::time::timeout(Duration::from_secs(5), stall.read(&mut buf))
         .await
@@ -168,7 +180,11 @@ async fn known_traffic_gives_exact_metrics() {
         let l = [("entrypoint", ep)];
         assert_eq!(m.get("tagway_entrypoint_connections_total", &l), n, "{ep}");
         assert_eq!(m.get("tagway_entrypoint_open_connections", &l), 0.0, "{ep}");
-        assert_eq!(m.get("tagway_entrypoint_accept_errors_total", &l), 0.0, "{ep}");
+        assert_eq!(
+            m.get("tagway_entrypoint_accept_errors_total", &l),
+            0.0,
+            "{ep}"
+        );
         assert_eq!(
             m.get("tagway_entrypoint_tls_handshake_errors_total", &l),
             0.0
@@ -259,7 +275,10 @@ async fn known_traffic_gives_exact_metrics() {
     }
     // The router refused by its middleware took no connection.
     assert_eq!(
-        m.get("tagway_router_connections_total", &[("router", "deny@file")]),
+        m.get(
+            "tagway_router_connections_total",
+            &[("router", "deny@file")]
+        ),
         0.0
     );
     let s = [("service", "app@file")];
@@ -304,7 +323,11 @@ async fn known_traffic_gives_exact_metrics() {
     assert_eq!(
         m.get(
             "tagway_server_dial_errors_total",
-            &[("service", "dial@file"), ("server", &dead_s), ("reason", "refused")]
+            &[
+                ("service", "dial@file"),
+                ("server", &dead_s),
+                ("reason", "refused")
+            ]
         ),
         1.0
     );
@@ -374,7 +397,10 @@ async fn known_traffic_gives_exact_metrics() {
         let mut it = line.split(' ').skip(2);
         let (name, kind) = (it.next().unwrap(), it.next().unwrap());
         assert!(name.starts_with("tagway_"), "{line}");
-        assert!(text.contains(&format!("# HELP {name} ")), "{name} has no HELP");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
         match kind {
             "counter" => assert!(name.ends_with("_total"), "{line}"),
             "histogram" => assert!(name.ends_with("_seconds"), "{line}"),
@@ -401,9 +427,10 @@ async fn counters_survive_a_reload_and_removed_resources_disappear() {
 
     // A reload that changes the router's rule and adds a service keeps a@file's counters.
     let mut d2 = d.clone();
-    d2.tcp
-        .routers
-        .insert("a@file".into(), router("tcp", "ClientIP(`127.0.0.0/8`)", "a@file"));
+    d2.tcp.routers.insert(
+        "a@file".into(),
+        router("tcp", "ClientIP(`127.0.0.0/8`)", "a@file"),
+    );
     d2.tcp
         .routers
         .insert("b@file".into(), router("tcp", "HostSNI(`*`)", "b@file"));
@@ -436,7 +463,10 @@ async fn counters_survive_a_reload_and_removed_resources_disappear() {
         m.get("tagway_router_connections_total", &[("router", "b@file")]),
         0.0
     );
-    assert_eq!(m.get("tagway_config_reloads_total", &[("provider", "file")]), 2.0);
+    assert_eq!(
+        m.get("tagway_config_reloads_total", &[("provider", "file")]),
+        2.0
+    );
     assert_eq!(m.get("tagway_config_applied_total", &[]), 2.0);
     assert_eq!(m.get("tagway_config_routers", &[("provider", "file")]), 2.0);
 

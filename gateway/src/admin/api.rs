@@ -107,7 +107,13 @@ impl Snapshot {
             .collect()
     }
 
-    fn finish(&self, mut m: Map<String, Value>, name: &str, enabled: bool, kinds: &[&str]) -> Value {
+    fn finish(
+        &self,
+        mut m: Map<String, Value>,
+        name: &str,
+        enabled: bool,
+        kinds: &[&str],
+    ) -> Value {
         let errors = self.errors_of(kinds, name);
         m.insert("name".into(), name.into());
         m.insert("provider".into(), provider_of(name).into());

@@ -59,12 +59,11 @@ pub enum AdminError {
 
 /// Binds `admin.address` (`host:port`, `[v6]:port`, or `:port` for every address).
 pub async fn bind(address: &str) -> Result<TcpListener, AdminError> {
-    let candidates = crate::entrypoint::parse_address("admin", address).map_err(|e| {
-        AdminError::Address {
+    let candidates =
+        crate::entrypoint::parse_address("admin", address).map_err(|e| AdminError::Address {
             address: address.to_owned(),
             message: e.to_string(),
-        }
-    })?;
+        })?;
     let mut last = None;
     for a in candidates {
         match TcpListener::bind(a).await {
@@ -162,7 +161,10 @@ fn missing(kind: &str, name: &str) -> Response {
 }
 
 async fn not_found() -> Response {
-    json_response(StatusCode::NOT_FOUND, json!({ "message": "404 page not found" }))
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({ "message": "404 page not found" }),
+    )
 }
 
 async fn ping() -> &'static str {
@@ -315,7 +317,10 @@ async fn metrics(State(s): S) -> Response {
     );
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()

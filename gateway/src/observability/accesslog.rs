@@ -76,7 +76,7 @@ pub struct Record {
     pub client: SocketAddr,
     /// The router that took the connection.
     pub router: Option<Arc<Route>>,
-    /// The load-balancer service and server that served it.
+    /// The router's service; once a server is dialled, the load-balancer service it belongs to.
     pub service: Option<Arc<ServiceInfo>>,
     /// The server.
     pub server: Option<Arc<ServerState>>,
@@ -459,7 +459,10 @@ mod tests {
         }
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.lines().count(), 3, "{text}");
-        assert!(text.lines().all(|l| l.ends_with("close=no_route")), "{text}");
+        assert!(
+            text.lines().all(|l| l.ends_with("close=no_route")),
+            "{text}"
+        );
         assert!(text.contains("client=127.0.0.1:1002"));
         assert_eq!(log.dropped(), 0);
         // A writer that never drains: capacity 1, the second record is dropped.
@@ -468,8 +471,14 @@ mod tests {
             tx: tx2,
             dropped: Arc::default(),
         };
-        s.send(Box::new(Record::new("tcp".into(), "127.0.0.1:1".parse().unwrap())));
-        s.send(Box::new(Record::new("tcp".into(), "127.0.0.1:1".parse().unwrap())));
+        s.send(Box::new(Record::new(
+            "tcp".into(),
+            "127.0.0.1:1".parse().unwrap(),
+        )));
+        s.send(Box::new(Record::new(
+            "tcp".into(),
+            "127.0.0.1:1".parse().unwrap(),
+        )));
         assert_eq!(s.dropped(), 1);
     }
 }

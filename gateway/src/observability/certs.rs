@@ -135,8 +135,8 @@ mod tests {
 
     #[test]
     fn reads_leaf_names_and_expiry() {
-        let mut p = rcgen::CertificateParams::new(vec!["db.example".into(), "10.0.0.1".into()])
-            .unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(vec!["db.example".into(), "10.0.0.1".into()]).unwrap();
         p.distinguished_name
             .push(rcgen::DnType::CommonName, "db.example");
         p.not_after = rcgen::date_time_ymd(2031, 1, 2);

@@ -147,15 +147,23 @@ mod tests {
     #[test]
     fn added_removed_changed() {
         let mut a = Dynamic::default();
-        a.tcp.routers.insert("keep@file".into(), router("HostSNI(`*`)"));
-        a.tcp.routers.insert("gone@file".into(), router("HostSNI(`*`)"));
-        a.tcp.routers.insert("edit@file".into(), router("HostSNI(`*`)"));
+        a.tcp
+            .routers
+            .insert("keep@file".into(), router("HostSNI(`*`)"));
+        a.tcp
+            .routers
+            .insert("gone@file".into(), router("HostSNI(`*`)"));
+        a.tcp
+            .routers
+            .insert("edit@file".into(), router("HostSNI(`*`)"));
         let mut b = a.clone();
         b.tcp.routers.remove("gone@file");
         b.tcp
             .routers
             .insert("edit@file".into(), router("ClientIP(`10.0.0.0/8`)"));
-        b.tcp.routers.insert("new@file".into(), router("HostSNI(`*`)"));
+        b.tcp
+            .routers
+            .insert("new@file".into(), router("HostSNI(`*`)"));
         let d = ConfigDiff::between(Some(&a), &b);
         assert_eq!(d.routers.added, ["new@file"]);
         assert_eq!(d.routers.removed, ["gone@file"]);
@@ -165,6 +173,9 @@ mod tests {
             "+1 routers (new@file) -1 routers (gone@file) ~1 routers (edit@file)"
         );
         assert_eq!(ConfigDiff::between(Some(&b), &b).to_string(), "no change");
-        assert_eq!(ConfigDiff::between(None, &Dynamic::default()).to_string(), "no change");
+        assert_eq!(
+            ConfigDiff::between(None, &Dynamic::default()).to_string(),
+            "no change"
+        );
     }
 }

@@ -285,7 +285,9 @@ impl Observability {
             .expected
             .iter()
             .all(|p| st.providers.get(p).is_some_and(|s| s.reloads > 0));
-        let changes = std::mem::take(&mut st.pending_changes).into_iter().collect();
+        let changes = std::mem::take(&mut st.pending_changes)
+            .into_iter()
+            .collect();
         st.published.push_back(Published {
             cfg: Arc::downgrade(cfg),
             complete,
@@ -372,11 +374,7 @@ impl Observability {
 
     fn update_error_gauges(&self) {
         let st = self.state();
-        let mut per: BTreeMap<&str, u64> = st
-            .providers
-            .keys()
-            .map(|k| (k.as_str(), 0))
-            .collect();
+        let mut per: BTreeMap<&str, u64> = st.providers.keys().map(|k| (k.as_str(), 0)).collect();
         for e in &st.validation_errors {
             *per.entry(e.provider.as_str()).or_default() += 1;
         }

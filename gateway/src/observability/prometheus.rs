@@ -11,7 +11,9 @@ use std::fmt::{Display, Write};
 use std::sync::Arc;
 
 use metrics::{Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 use super::counters::{Bounds, ConnectionBuckets, DialBuckets, Failure, HistogramSnapshot};
 use super::names::{self, Def, Kind};
@@ -98,7 +100,8 @@ impl Metrics {
 
     /// A histogram handle.
     pub fn histogram(&self, def: &Def, labels: &[(&'static str, &str)]) -> metrics::Histogram {
-        self.recorder.register_histogram(&key(def, labels), &METADATA)
+        self.recorder
+            .register_histogram(&key(def, labels), &METADATA)
     }
 
     /// The text of everything recorded through the facade.

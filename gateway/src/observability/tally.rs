@@ -82,6 +82,7 @@ impl<'a> Tally<'a> {
     pub fn routed(&mut self, route: &Arc<Route>, sni: Option<&str>) {
         if let Some(r) = &mut self.record {
             r.router = Some(route.clone());
+            r.service = Some(route.service.service.clone());
             r.sni = sni.map(Into::into);
         }
     }
@@ -106,10 +107,7 @@ impl<'a> Tally<'a> {
     /// The proxied connection ended.
     #[inline]
     pub fn finished(&mut self, pick: &Pick, t: &Transferred, outcome: &Outcome) {
-        pick.service
-            .counters
-            .duration
-            .observe(self.start.elapsed());
+        pick.service.counters.duration.observe(self.start.elapsed());
         if let Some(r) = &mut self.record {
             r.bytes_to_server = t.to_backend;
             r.bytes_to_client = t.to_client;
