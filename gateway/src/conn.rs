@@ -112,11 +112,12 @@ pub async fn serve(
 ) {
     let mut stream = stream;
     let mut buf: Vec<u8> = Vec::new();
-    let local = stream.local_addr().unwrap_or(peer);
+    // `dst` is filled in (getsockname) only when a PROXY header toward the backend needs it.
     let mut client = ClientAddrs {
         src: peer,
-        dst: local,
+        dst: peer,
     };
+    let mut dst_known = false;
     let mut trusted = false;
     if let Some(p) = &ep.proxy_in
         && p.trusts(peer.ip())
@@ -127,7 +128,8 @@ pub async fn serve(
                 client = ClientAddrs {
                     src: a.src,
                     dst: a.dst,
-                }
+                };
+                dst_known = true;
             }
             Ok(None) => {}
             Err(e) => {
@@ -188,6 +190,9 @@ pub async fn serve(
             return;
         };
         drop(tables);
+        if !dst_known {
+            client.dst = stream.local_addr().unwrap_or(peer);
+        }
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let pre = Prefixed {
             prefix: std::mem::take(&mut buf),
@@ -202,7 +207,7 @@ pub async fn serve(
                 return;
             }
         };
-        let Some((pick, mut backend)) = dial(&route, client, &opts).await else {
+        let Some((pick, mut backend)) = dial(&route, client, &|| client.dst, &opts).await else {
             return;
         };
         let _srv_open = pick.server.counters.open();
@@ -213,7 +218,14 @@ pub async fn serve(
         return;
     }
     drop(tables);
-    let Some((pick, mut backend)) = dial(&route, client, &opts).await else {
+    let local = || {
+        if dst_known {
+            client.dst
+        } else {
+            stream.local_addr().unwrap_or(peer)
+        }
+    };
+    let Some((pick, mut backend)) = dial(&route, client, &local, &opts).await else {
         return;
     };
     let _srv_open = pick.server.counters.open();
@@ -228,9 +240,9 @@ pub async fn serve(
     }
     drop(buf);
     let delay = pick.service.termination_delay;
-    let (outcome, mut t) = match &backend {
+    let (outcome, mut t) = match &mut backend {
         #[cfg(target_os = "linux")]
-        BackendStream::Plain(b) if opts.splice => copy::copy_spliced(&stream, b, delay).await,
+        BackendStream::Plain(b) if opts.splice => copy::copy_spliced(&mut stream, b, delay).await,
         _ => copy::copy_buffered(&mut stream, &mut backend, delay).await,
     };
     t.to_backend += initial;
@@ -252,7 +264,12 @@ fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
 
 /// Picks and dials a server, trying the next one on failure (bounded attempts); failed servers
 /// are held out for a while.
-async fn dial(route: &Route, client: ClientAddrs, opts: &Options) -> Option<(Pick, BackendStream)> {
+async fn dial(
+    route: &Route,
+    client: ClientAddrs,
+    dst: &(dyn Fn() -> SocketAddr + Sync),
+    opts: &Options,
+) -> Option<(Pick, BackendStream)> {
     let mut tried: Tried = Vec::new();
     let svc_counters: &Counters = &route.service.service.counters;
     for _ in 0..opts.dial_attempts.max(1) {
@@ -263,8 +280,13 @@ async fn dial(route: &Route, client: ClientAddrs, opts: &Options) -> Option<(Pic
             break;
         };
         let start = tokio::time::Instant::now();
+        // The original addresses only matter to a PROXY header toward the server.
+        let addrs = pick.service.proxy_protocol.then(|| ClientAddrs {
+            src: client.src,
+            dst: dst(),
+        });
         match transport
-            .dial(&pick.server.address, pick.server.tls, Some(client))
+            .dial(&pick.server.address, pick.server.tls, addrs)
             .await
         {
             Ok(s) => {
