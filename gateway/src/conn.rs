@@ -185,36 +185,13 @@ pub async fn serve(
     };
     let _route_open = route.counters.open();
     if route.tls == TlsMode::Terminate && is_tls {
-        let Some(cfg) = tables.tls.clone() else {
-            EntryPointCounters::inc(&ep.counters.tls_errors);
-            return;
-        };
-        drop(tables);
         if !dst_known {
             client.dst = stream.local_addr().unwrap_or(peer);
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        let pre = Prefixed {
-            prefix: std::mem::take(&mut buf),
-            pos: 0,
-            inner: stream,
-        };
-        let mut tls = match acceptor.accept(pre).await {
-            Ok(s) => s,
-            Err(e) => {
-                EntryPointCounters::inc(&ep.counters.tls_errors);
-                tracing::debug!(router = %route.name, client = %client.src, error = %e, "TLS handshake failed");
-                return;
-            }
-        };
-        let Some((pick, mut backend)) = dial(&route, client, &|| client.dst, &opts).await else {
-            return;
-        };
-        let _srv_open = pick.server.counters.open();
-        let _svc_open = pick.service.counters.open();
-        let (outcome, t) =
-            copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
-        account(&route, &pick, t, &outcome);
+        let cfg = tables.tls.clone();
+        drop(tables);
+        // Boxed: the TLS state is large and only this path needs it.
+        Box::pin(terminate(stream, buf, cfg, &route, client, &ep, &opts)).await;
         return;
     }
     drop(tables);
@@ -247,6 +224,44 @@ pub async fn serve(
     };
     t.to_backend += initial;
     account(&route, &pick, t, &outcome);
+}
+
+/// Terminates TLS (replaying the peeked bytes to rustls), then copies plaintext to the server.
+async fn terminate(
+    stream: TcpStream,
+    buf: Vec<u8>,
+    cfg: Option<Arc<rustls::ServerConfig>>,
+    route: &Route,
+    client: ClientAddrs,
+    ep: &EntryPointState,
+    opts: &Options,
+) {
+    let Some(cfg) = cfg else {
+        EntryPointCounters::inc(&ep.counters.tls_errors);
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let pre = Prefixed {
+        prefix: buf,
+        pos: 0,
+        inner: stream,
+    };
+    let mut tls = match acceptor.accept(pre).await {
+        Ok(s) => s,
+        Err(e) => {
+            EntryPointCounters::inc(&ep.counters.tls_errors);
+            tracing::debug!(router = %route.name, client = %client.src, error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    let Some((pick, mut backend)) = dial(route, client, &|| client.dst, opts).await else {
+        return;
+    };
+    let _srv_open = pick.server.counters.open();
+    let _svc_open = pick.service.counters.open();
+    let (outcome, t) =
+        copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
+    account(route, &pick, t, &outcome);
 }
 
 fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {

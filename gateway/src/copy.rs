@@ -201,6 +201,7 @@ mod splice {
     //! Zero-copy engine: socket → pipe → socket with splice(2).
 
     use std::io;
+    use std::mem::MaybeUninit;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
     use std::pin::Pin;
     use std::sync::Mutex;
@@ -362,21 +363,44 @@ mod splice {
                 }
                 match self.mode {
                     Mode::Buffered => {
-                        let buf = self
-                            .buf
-                            .get_or_insert_with(|| vec![0u8; SMALL].into_boxed_slice());
-                        let mut rb = ReadBuf::new(buf);
+                        // Read into a stack buffer and write straight out: no per-connection
+                        // buffer, no zeroing. Only what the destination does not take at once is
+                        // kept (in `self.buf`).
+                        let mut stack = [MaybeUninit::<u8>::uninit(); SMALL];
+                        let mut rb = ReadBuf::uninit(&mut stack);
                         ready!(Pin::new(&mut *src).poll_read(cx, &mut rb))?;
-                        let n = rb.filled().len();
+                        let data = rb.filled();
+                        let n = data.len();
                         if n == 0 {
                             self.eof = true;
-                        } else {
-                            self.pos = 0;
-                            self.cap = n;
-                            if n == SMALL {
-                                // Bulk transfer: move the rest without copying.
-                                self.mode = Mode::Splice;
+                            continue;
+                        }
+                        if n == SMALL {
+                            // Bulk transfer: move the rest without copying.
+                            self.mode = Mode::Splice;
+                        }
+                        let mut off = 0;
+                        while off < n {
+                            match Pin::new(&mut *dst).poll_write(cx, &data[off..]) {
+                                Poll::Ready(Ok(0)) => {
+                                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                                }
+                                Poll::Ready(Ok(w)) => {
+                                    off += w;
+                                    self.amt += w as u64;
+                                }
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => break,
                             }
+                        }
+                        if off < n {
+                            let rest = &data[off..];
+                            let buf = self
+                                .buf
+                                .get_or_insert_with(|| vec![0u8; SMALL].into_boxed_slice());
+                            buf[..rest.len()].copy_from_slice(rest);
+                            self.pos = 0;
+                            self.cap = rest.len();
                         }
                     }
                     Mode::Splice => {
