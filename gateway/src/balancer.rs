@@ -107,6 +107,8 @@ pub struct ServiceInfo {
     pub name: String,
     /// The transport its servers are dialled with (load balancers only).
     pub transport: Option<crate::dial::Transport>,
+    /// The transport sends a PROXY header (the original addresses are needed when dialling).
+    pub proxy_protocol: bool,
     /// How long the other side may stay open after one side closed (None = no deadline).
     pub termination_delay: Option<Duration>,
     /// Counters of the service (kept across reloads while the service keeps its name).

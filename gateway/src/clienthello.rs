@@ -97,7 +97,6 @@ pub async fn peek<R: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> Result<Peeked, PeekError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut tmp = [0u8; 4096];
     let mut need = 1;
     loop {
         if buf.len() >= need {
@@ -108,8 +107,17 @@ pub async fn peek<R: AsyncRead + Unpin>(
             }
         }
         let len = buf.len();
-        let want = limit.saturating_sub(len).clamp(1, tmp.len());
-        let read = tokio::time::timeout_at(deadline, r.read(&mut tmp[..want])).await;
+        let want = limit.saturating_sub(len).clamp(1, 4096);
+        buf.resize(len + want, 0);
+        let read = tokio::time::timeout_at(deadline, r.read(&mut buf[len..])).await;
+        buf.truncate(
+            len + read
+                .as_ref()
+                .ok()
+                .and_then(|r| r.as_ref().ok())
+                .copied()
+                .unwrap_or(0),
+        );
         match read {
             Err(_) if len == 0 => return Ok(Peeked::Plain),
             Err(_) => {
@@ -120,7 +128,7 @@ pub async fn peek<R: AsyncRead + Unpin>(
             }
             Ok(Err(e)) => return Err(PeekError::Io(e)),
             Ok(Ok(0)) => return Err(PeekError::Eof { read: len }),
-            Ok(Ok(n)) => buf.extend_from_slice(&tmp[..n]),
+            Ok(Ok(_)) => {}
         }
     }
 }

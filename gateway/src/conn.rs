@@ -117,11 +117,12 @@ pub async fn serve(
     let mut tally = Tally::start(&ep, peer);
     let mut stream = stream;
     let mut buf: Vec<u8> = Vec::new();
-    let local = stream.local_addr().unwrap_or(peer);
+    // `dst` is filled in (getsockname) only when a PROXY header toward the backend needs it.
     let mut client = ClientAddrs {
         src: peer,
-        dst: local,
+        dst: peer,
     };
+    let mut dst_known = false;
     let mut trusted = false;
     if let Some(p) = &ep.proxy_in
         && p.trusts(peer.ip())
@@ -133,6 +134,7 @@ pub async fn serve(
                     src: a.src,
                     dst: a.dst,
                 };
+                dst_known = true;
                 tally.client(a.src);
             }
             Ok(None) => {}
@@ -199,41 +201,27 @@ pub async fn serve(
     };
     let _route_open = route.counters.open();
     if route.tls == TlsMode::Terminate && is_tls {
-        let Some(cfg) = tables.tls.clone() else {
-            EntryPointCounters::inc(&ep.counters.tls_errors);
-            tally.tls_failed();
-            return;
-        };
+        if !dst_known {
+            client.dst = stream.local_addr().unwrap_or(peer);
+        }
+        let cfg = tables.tls.clone();
         drop(tables);
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        let pre = Prefixed {
-            prefix: std::mem::take(&mut buf),
-            pos: 0,
-            inner: stream,
-        };
-        let mut tls = match acceptor.accept(pre).await {
-            Ok(s) => s,
-            Err(e) => {
-                EntryPointCounters::inc(&ep.counters.tls_errors);
-                tally.tls_failed();
-                tracing::debug!(router = %route.name, client = %client.src, error = %e, "TLS handshake failed");
-                return;
-            }
-        };
-        let Some((pick, mut backend)) = dial(&route, client, &opts, &mut tally).await else {
-            return;
-        };
-        tally.connected(&pick);
-        let _srv_open = pick.server.counters.open();
-        let _svc_open = pick.service.counters.open();
-        let (outcome, t) =
-            copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
-        tally.finished(&pick, &t, &outcome);
-        account(&route, &pick, t, &outcome);
+        // Boxed: the TLS state is large and only this path needs it.
+        Box::pin(terminate(
+            stream, buf, cfg, &route, client, &ep, &opts, &mut tally,
+        ))
+        .await;
         return;
     }
     drop(tables);
-    let Some((pick, mut backend)) = dial(&route, client, &opts, &mut tally).await else {
+    let local = || {
+        if dst_known {
+            client.dst
+        } else {
+            stream.local_addr().unwrap_or(peer)
+        }
+    };
+    let Some((pick, mut backend)) = dial(&route, client, &local, &opts, &mut tally).await else {
         return;
     };
     tally.connected(&pick);
@@ -250,14 +238,58 @@ pub async fn serve(
     }
     drop(buf);
     let delay = pick.service.termination_delay;
-    let (outcome, mut t) = match &backend {
+    let (outcome, mut t) = match &mut backend {
         #[cfg(target_os = "linux")]
-        BackendStream::Plain(b) if opts.splice => copy::copy_spliced(&stream, b, delay).await,
+        BackendStream::Plain(b) if opts.splice => copy::copy_spliced(&mut stream, b, delay).await,
         _ => copy::copy_buffered(&mut stream, &mut backend, delay).await,
     };
     t.to_backend += initial;
     tally.finished(&pick, &t, &outcome);
     account(&route, &pick, t, &outcome);
+}
+
+/// Terminates TLS (replaying the peeked bytes to rustls), then copies plaintext to the server.
+#[allow(clippy::too_many_arguments)]
+async fn terminate(
+    stream: TcpStream,
+    buf: Vec<u8>,
+    cfg: Option<Arc<rustls::ServerConfig>>,
+    route: &Route,
+    client: ClientAddrs,
+    ep: &EntryPointState,
+    opts: &Options,
+    tally: &mut Tally<'_>,
+) {
+    let Some(cfg) = cfg else {
+        EntryPointCounters::inc(&ep.counters.tls_errors);
+        tally.tls_failed();
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let pre = Prefixed {
+        prefix: buf,
+        pos: 0,
+        inner: stream,
+    };
+    let mut tls = match acceptor.accept(pre).await {
+        Ok(s) => s,
+        Err(e) => {
+            EntryPointCounters::inc(&ep.counters.tls_errors);
+            tally.tls_failed();
+            tracing::debug!(router = %route.name, client = %client.src, error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    let Some((pick, mut backend)) = dial(route, client, &|| client.dst, opts, tally).await else {
+        return;
+    };
+    tally.connected(&pick);
+    let _srv_open = pick.server.counters.open();
+    let _svc_open = pick.service.counters.open();
+    let (outcome, t) =
+        copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
+    tally.finished(&pick, &t, &outcome);
+    account(route, &pick, t, &outcome);
 }
 
 fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
@@ -278,6 +310,7 @@ fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
 async fn dial(
     route: &Route,
     client: ClientAddrs,
+    dst: &(dyn Fn() -> SocketAddr + Sync),
     opts: &Options,
     tally: &mut Tally<'_>,
 ) -> Option<(Pick, BackendStream)> {
@@ -291,8 +324,13 @@ async fn dial(
             break;
         };
         let start = tokio::time::Instant::now();
+        // The original addresses only matter to a PROXY header toward the server.
+        let addrs = pick.service.proxy_protocol.then(|| ClientAddrs {
+            src: client.src,
+            dst: dst(),
+        });
         match transport
-            .dial(&pick.server.address, pick.server.tls, Some(client))
+            .dial(&pick.server.address, pick.server.tls, addrs)
             .await
         {
             Ok(s) => {

@@ -201,12 +201,14 @@ mod splice {
     //! Zero-copy engine: socket → pipe → socket with splice(2).
 
     use std::io;
+    use std::mem::MaybeUninit;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::pin::Pin;
     use std::sync::Mutex;
     use std::task::{Context, Poll, ready};
     use std::time::Duration;
 
-    use tokio::io::Interest;
+    use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
     use tokio::net::TcpStream;
 
     use super::{Deadline, Outcome, Transferred};
@@ -270,9 +272,28 @@ mod splice {
         }
     }
 
+    /// How a direction currently moves bytes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Mode {
+        /// read(2)/write(2) through a small buffer: two syscalls per message, best for small
+        /// messages (a short read tells the socket is drained, no extra EAGAIN call).
+        Buffered,
+        /// splice(2) through a pipe: no copy to user space, best for bulk.
+        Splice,
+    }
+
+    /// Buffer of the buffered mode; a read that fills it switches the direction to splice.
+    const SMALL: usize = 16 * 1024;
+
     struct Dir {
+        mode: Mode,
+        buf: Option<Box<[u8]>>,
+        pos: usize,
+        cap: usize,
         pipe: Option<Pipe>,
         in_pipe: usize,
+        /// Size of the last successful splice into the pipe.
+        last_in: usize,
         eof: bool,
         done: bool,
         amt: u64,
@@ -281,21 +302,40 @@ mod splice {
     impl Dir {
         fn new() -> Self {
             Dir {
+                mode: Mode::Buffered,
+                buf: None,
+                pos: 0,
+                cap: 0,
                 pipe: None,
                 in_pipe: 0,
+                last_in: 0,
                 eof: false,
                 done: false,
                 amt: 0,
             }
         }
 
+        /// Moves bytes from `src` to `dst` until both would block (Pending) or `src` ended and
+        /// everything was written (Ready(Ok)). `other_done`: the opposite direction already
+        /// finished, so the sockets are about to be closed and no shutdown is needed.
         fn poll(
             &mut self,
             cx: &mut Context<'_>,
-            src: &TcpStream,
-            dst: &TcpStream,
+            src: &mut TcpStream,
+            dst: &mut TcpStream,
+            other_done: bool,
         ) -> Poll<io::Result<()>> {
             loop {
+                // Write out what is pending (buffer, then pipe).
+                while self.pos < self.cap {
+                    let buf = self.buf.as_deref().unwrap_or_default();
+                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[self.pos..self.cap]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.pos += n;
+                    self.amt += n as u64;
+                }
                 while self.in_pipe > 0 {
                     ready!(dst.poll_write_ready(cx))?;
                     let pipe = self.pipe.as_ref().map(|p| p.r.as_raw_fd()).unwrap_or(-1);
@@ -311,23 +351,82 @@ mod splice {
                     }
                 }
                 if self.eof {
-                    let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                    if !other_done {
+                        let _ = socket2::SockRef::from(&*dst).shutdown(std::net::Shutdown::Write);
+                    }
                     self.done = true;
+                    self.buf = None;
                     if let Some(p) = self.pipe.take() {
                         p.recycle(true);
                     }
                     return Poll::Ready(Ok(()));
                 }
-                ready!(src.poll_read_ready(cx))?;
-                if self.pipe.is_none() {
-                    self.pipe = Some(Pipe::new()?);
-                }
-                let pipe = self.pipe.as_ref().map(|p| p.w.as_raw_fd()).unwrap_or(-1);
-                match src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe, CHUNK)) {
-                    Ok(0) => self.eof = true,
-                    Ok(n) => self.in_pipe += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+                match self.mode {
+                    Mode::Buffered => {
+                        // Read into a stack buffer and write straight out: no per-connection
+                        // buffer, no zeroing. Only what the destination does not take at once is
+                        // kept (in `self.buf`).
+                        let mut stack = [MaybeUninit::<u8>::uninit(); SMALL];
+                        let mut rb = ReadBuf::uninit(&mut stack);
+                        ready!(Pin::new(&mut *src).poll_read(cx, &mut rb))?;
+                        let data = rb.filled();
+                        let n = data.len();
+                        if n == 0 {
+                            self.eof = true;
+                            continue;
+                        }
+                        if n == SMALL {
+                            // Bulk transfer: move the rest without copying.
+                            self.mode = Mode::Splice;
+                        }
+                        let mut off = 0;
+                        while off < n {
+                            match Pin::new(&mut *dst).poll_write(cx, &data[off..]) {
+                                Poll::Ready(Ok(0)) => {
+                                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                                }
+                                Poll::Ready(Ok(w)) => {
+                                    off += w;
+                                    self.amt += w as u64;
+                                }
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => break,
+                            }
+                        }
+                        if off < n {
+                            let rest = &data[off..];
+                            let buf = self
+                                .buf
+                                .get_or_insert_with(|| vec![0u8; SMALL].into_boxed_slice());
+                            buf[..rest.len()].copy_from_slice(rest);
+                            self.pos = 0;
+                            self.cap = rest.len();
+                        }
+                    }
+                    Mode::Splice => {
+                        ready!(src.poll_read_ready(cx))?;
+                        if self.pipe.is_none() {
+                            self.pipe = Some(Pipe::new()?);
+                        }
+                        let pipe = self.pipe.as_ref().map(|p| p.w.as_raw_fd()).unwrap_or(-1);
+                        match src
+                            .try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe, CHUNK))
+                        {
+                            Ok(0) => self.eof = true,
+                            Ok(n) => {
+                                self.in_pipe += n;
+                                self.last_in = n;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                if self.last_in < SMALL {
+                                    // Small messages again: back to two syscalls per message.
+                                    self.mode = Mode::Buffered;
+                                }
+                                // Loop: the next readiness poll registers the waker.
+                            }
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    }
                 }
             }
         }
@@ -339,11 +438,11 @@ mod splice {
         }
     }
 
-    /// Zero-copy bidirectional copy between two plain TCP sockets; `initial` bytes are sent to
-    /// the backend first by the caller.
+    /// Bidirectional copy between two plain TCP sockets: small messages through a buffer, bulk
+    /// with zero-copy splice(2). Initial bytes are sent to the backend first by the caller.
     pub async fn copy_spliced(
-        client: &TcpStream,
-        backend: &TcpStream,
+        client: &mut TcpStream,
+        backend: &mut TcpStream,
         termination_delay: Option<Duration>,
     ) -> (Outcome, Transferred) {
         let mut up = Dir::new();
@@ -351,12 +450,12 @@ mod splice {
         let mut deadline = Deadline::new(termination_delay);
         let outcome = std::future::poll_fn(|cx| {
             if !up.done
-                && let Poll::Ready(Err(e)) = up.poll(cx, client, backend)
+                && let Poll::Ready(Err(e)) = up.poll(cx, client, backend, down.done)
             {
                 return Poll::Ready(Outcome::Error(e));
             }
             if !down.done
-                && let Poll::Ready(Err(e)) = down.poll(cx, backend, client)
+                && let Poll::Ready(Err(e)) = down.poll(cx, backend, client, up.done)
             {
                 return Poll::Ready(Outcome::Error(e));
             }
@@ -407,7 +506,7 @@ mod tests {
         let h = tokio::spawn(async move {
             match engine {
                 #[cfg(target_os = "linux")]
-                1 => copy_spliced(&pc, &pb, delay).await,
+                1 => copy_spliced(&mut pc, &mut pb, delay).await,
                 _ => copy_buffered(&mut pc, &mut pb, delay).await,
             }
         });

@@ -113,7 +113,6 @@ pub async fn read_header<R: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> Result<Option<ProxiedAddrs>, ProxyInError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut tmp = [0u8; 512];
     loop {
         if !buf.is_empty() {
             if !looks_like_header(buf) {
@@ -134,13 +133,24 @@ pub async fn read_header<R: AsyncRead + Unpin>(
                 None => {}
             }
         }
-        let want = tmp.len().min(MAX_HEADER - buf.len());
-        match tokio::time::timeout_at(deadline, r.read(&mut tmp[..want])).await {
+        let len = buf.len();
+        let want = (MAX_HEADER - len).min(512);
+        buf.resize(len + want, 0);
+        let read = tokio::time::timeout_at(deadline, r.read(&mut buf[len..])).await;
+        buf.truncate(
+            len + read
+                .as_ref()
+                .ok()
+                .and_then(|r| r.as_ref().ok())
+                .copied()
+                .unwrap_or(0),
+        );
+        match read {
             Err(_) if buf.is_empty() => return Ok(None),
             Err(_) => return Err(ProxyInError::Timeout { peer }),
             Ok(Err(source)) => return Err(ProxyInError::Io { peer, source }),
             Ok(Ok(0)) => return Err(ProxyInError::Eof { peer }),
-            Ok(Ok(n)) => buf.extend_from_slice(&tmp[..n]),
+            Ok(Ok(_)) => {}
         }
     }
 }

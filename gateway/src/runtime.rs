@@ -183,9 +183,23 @@ impl Ctx<'_> {
                 &servers,
             );
         }
+        let proxy_protocol = lb.proxy_protocol.is_some()
+            || if tname == DEFAULT_TRANSPORT {
+                self.static_cfg
+                    .tcp_servers_transport
+                    .proxy_protocol
+                    .is_some()
+            } else {
+                self.dynamic
+                    .tcp
+                    .servers_transports
+                    .get(tname)
+                    .is_some_and(|t| t.proxy_protocol.is_some())
+            };
         let info = Arc::new(ServiceInfo {
             name: name.to_owned(),
             transport: Some(transport),
+            proxy_protocol,
             termination_delay,
             counters: self
                 .prev

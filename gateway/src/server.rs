@@ -253,6 +253,21 @@ fn apply(
     }
 }
 
+/// The tokio runtime the gateway runs best on: `TOKIO_WORKER_THREADS=1` gives a single-thread
+/// (current-thread) runtime — one thread does everything, no work-stealing, no cross-thread wakeups;
+/// otherwise a multi-thread runtime with one worker per core (or `TOKIO_WORKER_THREADS`).
+pub fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let mut b = if threads == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    b.enable_all().build()
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     #[cfg(unix)]
