@@ -35,6 +35,19 @@ pub struct Options {
     pub hold_out: Duration,
     /// Use splice(2) between two plain TCP sockets (Linux).
     pub splice: bool,
+    /// Threads serving connections, each with its own single-thread runtime and its own
+    /// SO_REUSEPORT listener per entry point (the kernel spreads connections). Default:
+    /// `TOKIO_WORKER_THREADS`, else the number of CPUs.
+    pub workers: usize,
+}
+
+/// `TOKIO_WORKER_THREADS`, else the number of CPUs.
+pub fn default_workers() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 impl Default for Options {
@@ -45,6 +58,7 @@ impl Default for Options {
             dial_attempts: 3,
             hold_out: Duration::from_secs(5),
             splice: cfg!(target_os = "linux"),
+            workers: default_workers(),
         }
     }
 }

@@ -77,25 +77,29 @@ pub fn parse_address(entry_point: &str, address: &str) -> Result<Vec<SocketAddr>
         })
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Binds a non-blocking listener with SO_REUSEADDR and (Unix) SO_REUSEPORT, so every worker
+/// thread can have its own listener on the same address and the kernel spreads connections.
+pub fn bind_addr(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+    sock.set_reuse_port(true)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         sock.set_only_v6(false)?;
     }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
-    TcpListener::from_std(sock.into())
+    Ok(sock.into())
 }
 
 /// Binds an entry point (the first candidate address that works: `[::]` then `0.0.0.0` for
 /// `:port`).
-pub fn bind(entry_point: &str, address: &str) -> Result<TcpListener, BindError> {
+pub fn bind(entry_point: &str, address: &str) -> Result<std::net::TcpListener, BindError> {
     let candidates = parse_address(entry_point, address)?;
     let mut last = None;
     for a in &candidates {
-        match bind_one(*a) {
+        match bind_addr(*a) {
             Ok(l) => return Ok(l),
             Err(e) => last = Some((*a, e)),
         }
@@ -121,12 +125,18 @@ fn is_resource_error(e: &io::Error) -> bool {
     )
 }
 
+/// The semaphore of `maxConnections` (shared by the entry point's listeners on every worker).
+pub fn connection_limit(max_connections: Option<u64>) -> Option<Arc<Semaphore>> {
+    max_connections.map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS as u64) as usize)))
+}
+
 /// Accepts connections until `stop` turns true, then waits for the open ones up to `grace` and
 /// aborts the rest. `handle` serves one connection.
+#[allow(clippy::too_many_arguments)]
 pub async fn accept_loop<F, Fut>(
     name: Arc<str>,
-    listener: TcpListener,
-    max_connections: Option<u64>,
+    listener: std::net::TcpListener,
+    max_connections: Option<Arc<Semaphore>>,
     counters: Arc<EntryPointCounters>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
@@ -135,8 +145,14 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let sem = max_connections
-        .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS as u64) as usize)));
+    let sem = max_connections;
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(entry_point = %name, error = %e, "cannot register the listener");
+            return;
+        }
+    };
     let mut conns: JoinSet<()> = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
     'accept: loop {
@@ -218,7 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn dual_stack_all_addresses() {
-        let l = bind("ep", ":0").unwrap();
+        let l = TcpListener::from_std(bind("ep", ":0").unwrap()).unwrap();
         let port = l.local_addr().unwrap().port();
         let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (_s, peer) = l.accept().await.unwrap();

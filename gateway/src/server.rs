@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tagway_config::{Dynamic, StaticConfig};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::conn::{EntryPointState, Options};
@@ -76,7 +75,7 @@ impl GatewayHandle {
 pub struct Gateway {
     static_cfg: StaticConfig,
     options: Arc<Options>,
-    listeners: Vec<(String, TcpListener)>,
+    listeners: Vec<(String, std::net::TcpListener)>,
     tables: Arc<ArcSwap<Tables>>,
     counters: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: (watch::Sender<u64>, watch::Receiver<u64>),
@@ -179,6 +178,9 @@ impl Gateway {
             .to_std()
             .unwrap_or(Duration::ZERO);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let workers = self.options.workers.max(1);
+        // One set of accept loops per worker thread; this runtime serves the first.
+        let mut per_worker: Vec<Vec<LoopSpec>> = (1..workers).map(|_| Vec::new()).collect();
         let mut loops = Vec::new();
         for (name, listener) in std::mem::take(&mut self.listeners) {
             let ep_cfg = &static_cfg.entry_points[&name];
@@ -195,28 +197,77 @@ impl Gateway {
             let state = Arc::new(EntryPointState {
                 name: name.as_str().into(),
                 proxy_in,
-                counters: counters.clone(),
+                counters,
                 access_log: self.obs.as_ref().and_then(Observability::access_log),
             });
-            let tables = self.tables.clone();
-            let opts = self.options.clone();
-            loops.push(tokio::spawn(entrypoint::accept_loop(
-                state.name.clone(),
-                listener,
-                ep_cfg.max_connections,
-                counters,
+            let limit = entrypoint::connection_limit(ep_cfg.max_connections);
+            if let Ok(addr) = listener.local_addr() {
+                for w in per_worker.iter_mut() {
+                    match entrypoint::bind_addr(addr) {
+                        Ok(l) => w.push(LoopSpec {
+                            listener: l,
+                            state: state.clone(),
+                            limit: limit.clone(),
+                        }),
+                        Err(e) => tracing::warn!(entry_point = %name, error = %e,
+                            "cannot add a worker listener (SO_REUSEPORT); fewer threads serve it"),
+                    }
+                }
+            }
+            loops.push(tokio::spawn(serve_loop(
+                LoopSpec {
+                    listener,
+                    state,
+                    limit,
+                },
+                self.tables.clone(),
+                self.options.clone(),
                 stop_rx.clone(),
                 grace,
-                move |stream, peer| {
-                    crate::conn::serve(
-                        stream,
-                        peer,
-                        state.clone(),
-                        tables.load_full(),
-                        opts.clone(),
-                    )
-                },
             )));
+        }
+        let mut worker_done = Vec::new();
+        for (i, specs) in per_worker.into_iter().enumerate() {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let tables = self.tables.clone();
+            let opts = self.options.clone();
+            let stop = stop_rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tagway-worker-{}", i + 1))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a worker runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let handles: Vec<_> = specs
+                            .into_iter()
+                            .map(|spec| {
+                                tokio::spawn(serve_loop(
+                                    spec,
+                                    tables.clone(),
+                                    opts.clone(),
+                                    stop.clone(),
+                                    grace,
+                                ))
+                            })
+                            .collect();
+                        for h in handles {
+                            let _ = h.await;
+                        }
+                    });
+                    let _ = done_tx.send(());
+                });
+            match spawned {
+                Ok(_) => worker_done.push(done_rx),
+                Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+            }
         }
         shutdown.await;
         tracing::info!("shutting down: no new connections");
@@ -224,9 +275,47 @@ impl Gateway {
         for l in loops {
             let _ = l.await;
         }
+        for d in worker_done {
+            let _ = d.await;
+        }
         reload.abort();
         Ok(())
     }
+}
+
+/// One accept loop to run: a listener and its entry point.
+struct LoopSpec {
+    listener: std::net::TcpListener,
+    state: Arc<EntryPointState>,
+    limit: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+async fn serve_loop(
+    spec: LoopSpec,
+    tables: Arc<ArcSwap<Tables>>,
+    opts: Arc<Options>,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let state = spec.state;
+    entrypoint::accept_loop(
+        state.name.clone(),
+        spec.listener,
+        spec.limit,
+        state.counters.clone(),
+        stop,
+        grace,
+        move |stream, peer| {
+            crate::conn::serve(
+                stream,
+                peer,
+                state.clone(),
+                tables.load_full(),
+                opts.clone(),
+            )
+        },
+    )
+    .await;
 }
 
 /// Compiles `cfg` and swaps it in, logging what could not be compiled.
@@ -253,19 +342,14 @@ fn apply(
     }
 }
 
-/// The tokio runtime the gateway runs best on: `TOKIO_WORKER_THREADS=1` gives a single-thread
-/// (current-thread) runtime — one thread does everything, no work-stealing, no cross-thread wakeups;
-/// otherwise a multi-thread runtime with one worker per core (or `TOKIO_WORKER_THREADS`).
+/// The runtime to call [`Gateway::run`] on: a single-thread (current-thread) runtime. The gateway
+/// itself starts `Options::workers - 1` more threads (default `TOKIO_WORKER_THREADS`, else one per
+/// CPU), each with its own single-thread runtime and its own SO_REUSEPORT listeners: no
+/// work-stealing and no cross-thread wakeups in the data path (nginx's worker model).
 pub fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    let mut b = if threads == Some(1) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    b.enable_all().build()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
