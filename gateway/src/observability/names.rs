@@ -119,7 +119,7 @@ defs! {
     /// Last applied configuration time.
     CONFIG_LAST_APPLIED = "tagway_config_last_applied_timestamp_seconds", Gauge, [], "When the data plane last swapped in a configuration, seconds since the Unix epoch";
     /// Change-to-applied latency.
-    CONFIG_CHANGE_APPLIED = "tagway_config_change_to_applied_seconds", Histogram, ["provider"], "Time from a provider delivering a change (for Consul: the blocking query returning it) to the data plane using it";
+    CONFIG_CHANGE_APPLIED = "tagway_config_change_to_applied_seconds", Histogram, ["provider"], "Time from a provider delivering a changed configuration to the data plane using it (for Consul, delivery follows the blocking query that saw the change by the coalescing window)";
 
     /// Consul watch requests.
     CONSUL_WATCH_REQUESTS = "tagway_consul_watch_requests_total", Counter, ["endpoint", "outcome"], "Consul HTTP requests of the watches (endpoint: catalog_services, health_service, connect_leaf, connect_roots, agent_self; outcome: changed, unchanged, error)";
@@ -139,3 +139,40 @@ defs! {
 
 /// The `direction` label values of the byte counters.
 pub const DIRECTIONS: [&str; 2] = ["to_server", "to_client"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docs_list_every_metric_with_its_type_and_labels() {
+        let doc = include_str!("../../../docs/metrics.md");
+        for d in ALL {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", d.name)))
+                .unwrap_or_else(|| panic!("docs/metrics.md does not list {}", d.name));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            assert_eq!(cells[2], d.kind.as_str(), "{row}");
+            let labels: Vec<String> = d.labels.iter().map(|l| format!("`{l}`")).collect();
+            let want = if labels.is_empty() {
+                "—".to_owned()
+            } else {
+                labels.join(", ")
+            };
+            assert_eq!(cells[3], want, "{row}");
+        }
+    }
+
+    #[test]
+    fn names_follow_conventions() {
+        for d in ALL {
+            assert!(d.name.starts_with("tagway_"), "{}", d.name);
+            match d.kind {
+                Kind::Counter => assert!(d.name.ends_with("_total"), "{}", d.name),
+                Kind::Histogram => assert!(d.name.ends_with("_seconds"), "{}", d.name),
+                Kind::Gauge => assert!(!d.name.ends_with("_total"), "{}", d.name),
+            }
+        }
+    }
+}
