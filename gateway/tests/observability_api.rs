@@ -512,3 +512,48 @@ fn redaction_at_any_depth() {
         })
     );
 }
+
+#[tokio::test]
+async fn admin_listener_only_when_configured() {
+    let st = std::sync::Arc::new(static_cfg(&["tcp"]));
+    let obs = Observability::new(&st).unwrap();
+    let gw = tagway::server::Gateway::new((*st).clone());
+    let none = tagway::admin::spawn_if_configured(
+        st.clone(),
+        obs.clone(),
+        gw.handle(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert!(none.is_none());
+
+    let mut with = (*st).clone();
+    with.admin = Some(tagway_config::Admin {
+        address: "127.0.0.1:0".into(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, task) = tagway::admin::spawn_if_configured(
+        std::sync::Arc::new(with),
+        obs,
+        gw.handle(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    )
+    .await
+    .unwrap()
+    .expect("admin listener");
+    assert_eq!(get(addr, "/ping").await.0, 200);
+    // Nothing applied yet: not ready.
+    assert_eq!(get(addr, "/ready").await.0, 503);
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    let e = tagway::admin::bind("127.0.0.1:http").await.unwrap_err();
+    assert!(e.to_string().starts_with("admin.address"), "{e}");
+}

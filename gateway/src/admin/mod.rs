@@ -138,6 +138,32 @@ pub async fn serve(
         .await
 }
 
+/// Binds `admin.address` when the static configuration sets it and serves the admin API there in
+/// a task until `shutdown` resolves. Returns the bound address and the task (None when `admin` is
+/// unset). Must be called inside a tokio runtime.
+pub async fn spawn_if_configured(
+    static_cfg: Arc<StaticConfig>,
+    obs: Observability,
+    gateway: GatewayHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<io::Result<()>>)>, AdminError> {
+    let Some(admin) = &static_cfg.admin else {
+        return Ok(None);
+    };
+    if admin.address.trim().is_empty() {
+        return Ok(None);
+    }
+    let listener = bind(&admin.address).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AdminError::Address {
+            address: admin.address.clone(),
+            message: source.to_string(),
+        })?;
+    let state = AdminState::new(obs, gateway, static_cfg.clone());
+    Ok(Some((addr, tokio::spawn(serve(listener, state, shutdown)))))
+}
+
 fn json_response(status: StatusCode, mut v: Value) -> Response {
     redact(&mut v);
     let body = serde_json::to_string(&v).unwrap_or_else(|_| "{}".into());
