@@ -9,7 +9,7 @@
 //! says for connections the proxy makes on its own behalf.
 
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use ppp::v2;
 
@@ -100,11 +100,6 @@ pub fn header(version: ProxyVersion, client: Option<&ClientAddrs>) -> io::Result
     }
 }
 
-/// An IPv6 address for tests and docs: the IPv4-mapped form of `a.b.c.d`.
-pub fn ipv4_mapped(v4: std::net::Ipv4Addr) -> Ipv6Addr {
-    v4.to_ipv6_mapped()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,7 +165,11 @@ mod tests {
         assert_eq!(b[12..16], [0x21, 0x21, 0, 36]);
         assert_eq!(
             b[16..32],
-            ipv4_mapped("192.0.2.1".parse().unwrap()).octets()
+            "192.0.2.1"
+                .parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .to_ipv6_mapped()
+                .octets()
         );
 
         let b = header(ProxyVersion::V2, None).unwrap();
