@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tagway_config::SpiffeSource;
 
 pub use files::DEFAULT_POLL_INTERVAL;
-pub use workload_api::SPIFFE_ENDPOINT_SOCKET;
+pub use workload_api::{SPIFFE_ENDPOINT_SOCKET, WORKLOAD_API_START_TIMEOUT};
 
 /// An SVID with its key and the trust bundles, parsed and ready for rustls.
 pub struct Identity {
@@ -200,6 +200,14 @@ pub enum IdentityError {
         endpoint: String,
         /// The `spiffe` crate's error.
         error: spiffe::X509SourceError,
+    },
+    /// The Workload API gave no SVID in time (agent absent, or the gateway not attested).
+    #[error("SPIFFE Workload API at {endpoint}: no SVID within {after:?}")]
+    WorkloadApiTimeout {
+        /// The endpoint.
+        endpoint: String,
+        /// How long the source waited.
+        after: std::time::Duration,
     },
     /// No source is configured.
     #[error(

@@ -3,6 +3,7 @@
 //! notifies every rotation.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use spiffe::X509Source;
@@ -10,28 +11,44 @@ use spiffe::x509_source::X509SourceState;
 
 use super::{Identity, IdentityError, IdentitySource, Shared, SourceKind};
 
+/// How long [`IdentitySource::workload_api`] waits for the first SVID.
+pub const WORKLOAD_API_START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The environment variable naming the Workload API endpoint when `workloadAPIAddr` is not set.
 pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 
 impl IdentitySource {
     /// Connects to the Workload API at `endpoint` (`unix:///run/spire/agent.sock`,
     /// `tcp:127.0.0.1:8081`), or at `SPIFFE_ENDPOINT_SOCKET` when `None`, waits for the first SVID,
-    /// then follows every rotation the agent pushes. Must be called within a tokio runtime.
+    /// then follows every rotation the agent pushes. Gives up after
+    /// [`WORKLOAD_API_START_TIMEOUT`] without an SVID (the agent may be absent or not attest the
+    /// gateway). Must be called within a tokio runtime.
     pub async fn workload_api(endpoint: Option<&str>) -> Result<Self, IdentityError> {
+        Self::workload_api_within(endpoint, WORKLOAD_API_START_TIMEOUT).await
+    }
+
+    /// [`IdentitySource::workload_api`], waiting at most `start_timeout` for the first SVID.
+    pub async fn workload_api_within(
+        endpoint: Option<&str>,
+        start_timeout: Duration,
+    ) -> Result<Self, IdentityError> {
         let endpoint = match endpoint {
             Some(endpoint) => endpoint.to_owned(),
             None => {
                 std::env::var(SPIFFE_ENDPOINT_SOCKET).map_err(|_| IdentityError::NotConfigured)?
             }
         };
-        let source = X509Source::builder()
-            .endpoint(&endpoint)
-            .build()
-            .await
-            .map_err(|error| IdentityError::WorkloadApi {
-                endpoint: endpoint.clone(),
-                error,
-            })?;
+        let build = X509Source::builder().endpoint(&endpoint).build();
+        let source = match tokio::time::timeout(start_timeout, build).await {
+            Ok(Ok(source)) => source,
+            Ok(Err(error)) => return Err(IdentityError::WorkloadApi { endpoint, error }),
+            Err(_) => {
+                return Err(IdentityError::WorkloadApiTimeout {
+                    endpoint,
+                    after: start_timeout,
+                });
+            }
+        };
         let identity = from_state(&endpoint, &source.state())?;
         let shared = Shared::new(SourceKind::WorkloadApi);
         shared.publish(identity);

@@ -254,3 +254,21 @@ async fn an_invalid_endpoint_is_an_error() {
         "{err}"
     );
 }
+#[tokio::test]
+async fn an_absent_agent_times_out_with_an_error() {
+    let err = IdentitySource::workload_api_within(
+        Some("unix:/nonexistent/agent.sock"),
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, IdentityError::WorkloadApiTimeout { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("SPIFFE Workload API at unix:/nonexistent/agent.sock: no SVID within 300ms"),
+        "{err}"
+    );
+}
