@@ -33,6 +33,7 @@ const MIN_ATTEMPT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Transport {
     inner: Arc<Inner>,
+    proxy: Option<ProxyVersion>,
     placement: ProxyPlacement,
 }
 
@@ -41,7 +42,6 @@ struct Inner {
     config: ServersTransport,
     dial_timeout: Option<Duration>,
     socket: SocketOptions,
-    proxy: Option<ProxyVersion>,
     tls: TlsMode,
     has_identity: bool,
 }
@@ -76,10 +76,10 @@ impl Transport {
                 config: cfg.clone(),
                 dial_timeout,
                 socket: SocketOptions::from_keep_alive(cfg.dial_keep_alive),
-                proxy,
                 tls,
                 has_identity: identity.is_some(),
             }),
+            proxy,
             placement: ProxyPlacement::default(),
         })
     }
@@ -93,6 +93,13 @@ impl Transport {
         } else {
             ProxyPlacement::BeforeTls
         };
+        self
+    }
+
+    /// Overrides the PROXY protocol version (`None` = no header), e.g. for a service that still uses
+    /// Traefik v2's `loadBalancer.proxyProtocol`. The clone shares everything else.
+    pub fn with_proxy_protocol(mut self, version: Option<ProxyVersion>) -> Self {
+        self.proxy = version;
         self
     }
 
@@ -123,7 +130,7 @@ impl Transport {
 
     /// The PROXY protocol version sent to the servers, if any.
     pub fn proxy_protocol(&self) -> Option<ProxyVersion> {
-        self.inner.proxy
+        self.proxy
     }
 
     /// Where the PROXY header goes on TLS connections.
@@ -186,7 +193,7 @@ impl Transport {
         let addrs = resolve(host, port).await?;
         stage.set(DialStage::Connect);
         let (mut tcp, peer) = self.connect_any(&addrs, deadline).await?;
-        let header = match self.inner.proxy {
+        let header = match self.proxy {
             Some(version) => Some(
                 proxy_protocol::header(version, client)
                     .map_err(|error| DialErrorKind::ProxyHeader { peer, error })?,
@@ -299,7 +306,7 @@ impl fmt::Debug for Transport {
             .field("name", &self.inner.name)
             .field("dial_timeout", &self.inner.dial_timeout)
             .field("keep_alive", &self.inner.socket.keep_alive)
-            .field("proxy", &self.inner.proxy)
+            .field("proxy", &self.proxy)
             .field("placement", &self.placement)
             .field("always_tls", &self.always_tls())
             .finish()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use tagway_config::{ProxyProtocol, ServersTransport, TransportTls};
-use tagway_transport::{ClientAddrs, ProxyPlacement, Transport};
+use tagway_transport::{ClientAddrs, ProxyPlacement, ProxyVersion, Transport};
 
 use crate::support::*;
 
@@ -228,7 +228,10 @@ async fn health_checks_and_dials_without_a_client_send_local_or_unknown() -> Res
     local.extend_from_slice(&[0x20, 0x00, 0, 0]);
     assert_eq!(header, local);
 
-    let v1 = Transport::new("pp", &pp_transport(1, false), None)?;
+    // Traefik v2's service-level proxyProtocol, applied over a transport without one.
+    let v1 = Transport::new("plain", &ServersTransport::default(), None)?
+        .with_proxy_protocol(Some(ProxyVersion::V1));
+    assert_eq!(v1.proxy_protocol(), Some(ProxyVersion::V1));
     let mut stream = v1.dial(&backend.address(), false, None).await?;
     round_trip(&mut stream, b"x").await?;
     assert_eq!(

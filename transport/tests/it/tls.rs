@@ -133,12 +133,14 @@ async fn client_certificates_for_mtls() -> Result<()> {
         Some(&[client.der.clone()][..])
     );
 
-    // certFile / keyFile as files.
+    // certFile / keyFile and rootCAs as files.
     let dir = tempfile::tempdir()?;
     let cert_path = dir.path().join("client.pem");
     let key_path = dir.path().join("client.key");
     std::fs::write(&cert_path, &client.cert_pem)?;
     std::fs::write(&key_path, &client.key_pem)?;
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem())?;
     let files = Transport::new(
         "files",
         &tls_transport(TransportTls {
@@ -146,6 +148,7 @@ async fn client_certificates_for_mtls() -> Result<()> {
                 cert_file: cert_path.clone().into(),
                 key_file: key_path.clone().into(),
             }],
+            root_cas: vec![ca_path.into()],
             ..base.clone()
         }),
         None,
