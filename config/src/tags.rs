@@ -521,7 +521,13 @@ mod tests {
             })
         );
         assert_eq!(lb.servers_transport.as_deref(), Some("mtls"));
-        assert_eq!(lb.proxy_protocol, Some(ProxyProtocol { version: 1 }));
+        assert_eq!(
+            lb.proxy_protocol,
+            Some(ProxyProtocol {
+                version: 1,
+                ..Default::default()
+            })
+        );
         assert_eq!(
             lb.health_check.as_ref().unwrap().interval(),
             crate::Duration::from_secs(5)
@@ -547,7 +553,13 @@ mod tests {
             [crate::FileOrContent::from("/ca.pem")]
         );
         assert_eq!(t.spiffe.as_ref().unwrap().ids, ["spiffe://example.org/db"]);
-        assert_eq!(t.proxy_protocol, Some(ProxyProtocol { version: 2 }));
+        assert_eq!(
+            t.proxy_protocol,
+            Some(ProxyProtocol {
+                version: 2,
+                ..Default::default()
+            })
+        );
         assert_eq!(
             d.config
                 .meta

@@ -164,9 +164,19 @@ async fn headers_before_and_inside_tls() -> Result<()> {
     for version in [1, 2] {
         let transport = Transport::new("pp", &tls(pp_transport(version, true)), None)?;
         assert_eq!(transport.proxy_placement(), ProxyPlacement::BeforeTls);
-        let inside_transport = transport.clone().with_proxy_protocol_inside_tls(true);
+        // `proxyProtocol.insideTLS = true` in the configuration selects the same placement.
+        let mut inside_cfg = tls(pp_transport(version, true));
+        inside_cfg.proxy_protocol.as_mut().unwrap().inside_tls = true;
+        let inside_transport = Transport::new("pp-inside", &inside_cfg, None)?;
         assert_eq!(
             inside_transport.proxy_placement(),
+            ProxyPlacement::InsideTls
+        );
+        assert_eq!(
+            transport
+                .clone()
+                .with_proxy_protocol_inside_tls(true)
+                .proxy_placement(),
             ProxyPlacement::InsideTls
         );
         for case in ["v4", "v6", "mixed"] {
