@@ -113,7 +113,10 @@ fn parsed(header: &[u8]) -> (SocketAddr, SocketAddr) {
 
 fn pp_transport(version: u8, tls: bool) -> ServersTransport {
     ServersTransport {
-        proxy_protocol: Some(ProxyProtocol { version }),
+        proxy_protocol: Some(ProxyProtocol {
+            version,
+            ..Default::default()
+        }),
         tls: tls.then(|| TransportTls {
             server_name: Some("backend.test".into()),
             ..TransportTls::default()
