@@ -31,11 +31,13 @@ pub struct Decoded {
 }
 
 /// Consul-only tags (`<prefix>.consulcatalog.*`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConsulTags {
     /// `<prefix>.consulcatalog.connect`: the service is reached through Consul Connect.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connect: Option<bool>,
     /// `<prefix>.consulcatalog.canary`: the instance is a canary (Nomad canary tags).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub canary: Option<bool>,
 }
 
