@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod cli;
 pub mod clienthello;
 pub mod conn;
 pub mod copy;
@@ -16,6 +17,7 @@ pub mod health;
 pub mod metrics;
 pub mod middleware;
 pub mod observability;
+pub mod providers;
 pub mod proxy_in;
 pub mod router;
 pub mod rule_text;
