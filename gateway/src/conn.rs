@@ -128,8 +128,8 @@ pub async fn serve(
     let mut buf: Vec<u8> = Vec::new();
     // `dst` is filled in (getsockname) only when a PROXY header toward the backend needs it.
     let mut client = ClientAddrs {
-        src: peer,
-        dst: peer,
+        source: peer,
+        destination: peer,
     };
     let mut dst_known = false;
     let mut trusted = false;
@@ -140,8 +140,8 @@ pub async fn serve(
         match proxy_in::read_header(&mut stream, peer, &mut buf, p.timeout).await {
             Ok(Some(a)) => {
                 client = ClientAddrs {
-                    src: a.src,
-                    dst: a.dst,
+                    source: a.src,
+                    destination: a.dst,
                 };
                 dst_known = true;
             }
@@ -162,7 +162,7 @@ pub async fn serve(
             Ok(p) => p,
             Err(e) => {
                 EntryPointCounters::inc(&ep.counters.peek_errors);
-                tracing::debug!(entry_point = %ep.name, client = %client.src, error = %e, "ClientHello peek failed");
+                tracing::debug!(entry_point = %ep.name, client = %client.source, error = %e, "ClientHello peek failed");
                 return;
             }
         }
@@ -181,26 +181,26 @@ pub async fn serve(
     let info = ConnInfo {
         sni,
         alpn,
-        client_ip: client.src.ip(),
+        client_ip: client.source.ip(),
         tls: is_tls,
     };
     let Some(route) = table.route(&info).cloned() else {
         EntryPointCounters::inc(&ep.counters.unrouted);
-        tracing::debug!(entry_point = %ep.name, client = %client.src, sni = ?sni, tls = is_tls, "no router matches; closing");
+        tracing::debug!(entry_point = %ep.name, client = %client.source, sni = ?sni, tls = is_tls, "no router matches; closing");
         return;
     };
-    let _guards = match crate::middleware::apply(&route.middlewares, client.src.ip()) {
+    let _guards = match crate::middleware::apply(&route.middlewares, client.source.ip()) {
         Ok(g) => g,
         Err(r) => {
             EntryPointCounters::inc(&ep.counters.refused);
-            tracing::debug!(router = %route.name, client = %client.src, reason = r.as_str(), "refused by a middleware");
+            tracing::debug!(router = %route.name, client = %client.source, reason = r.as_str(), "refused by a middleware");
             return;
         }
     };
     let _route_open = route.counters.open();
     if route.tls == TlsMode::Terminate && is_tls {
         if !dst_known {
-            client.dst = stream.local_addr().unwrap_or(peer);
+            client.destination = stream.local_addr().unwrap_or(peer);
         }
         let cfg = tables.tls.clone();
         drop(tables);
@@ -211,7 +211,7 @@ pub async fn serve(
     drop(tables);
     let local = || {
         if dst_known {
-            client.dst
+            client.destination
         } else {
             stream.local_addr().unwrap_or(peer)
         }
@@ -264,11 +264,11 @@ async fn terminate(
         Ok(s) => s,
         Err(e) => {
             EntryPointCounters::inc(&ep.counters.tls_errors);
-            tracing::debug!(router = %route.name, client = %client.src, error = %e, "TLS handshake failed");
+            tracing::debug!(router = %route.name, client = %client.source, error = %e, "TLS handshake failed");
             return;
         }
     };
-    let Some((pick, mut backend)) = dial(route, client, &|| client.dst, opts).await else {
+    let Some((pick, mut backend)) = dial(route, client, &|| client.destination, opts).await else {
         return;
     };
     let _srv_open = pick.server.counters.open();
@@ -311,8 +311,8 @@ async fn dial(
         let start = tokio::time::Instant::now();
         // The original addresses only matter to a PROXY header toward the server.
         let addrs = pick.service.proxy_protocol.then(|| ClientAddrs {
-            src: client.src,
-            dst: dst(),
+            source: client.source,
+            destination: dst(),
         });
         match transport
             .dial(&pick.server.address, pick.server.tls, addrs)
@@ -340,7 +340,7 @@ async fn dial(
     svc_counters
         .no_server
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client.src,
+    tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client.source,
         "no server available; closing the connection");
     None
 }

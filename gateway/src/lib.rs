@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod balancer;
+pub mod cli;
 pub mod clienthello;
 pub mod conn;
 pub mod copy;
@@ -14,9 +15,9 @@ pub mod entrypoint;
 pub mod health;
 pub mod metrics;
 pub mod middleware;
+pub mod providers;
 pub mod proxy_in;
 pub mod router;
-pub mod rule_text;
 pub mod runtime;
 pub mod server;
 pub mod tls;
