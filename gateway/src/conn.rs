@@ -133,8 +133,8 @@ pub async fn serve(
     let mut buf: Vec<u8> = Vec::new();
     // `dst` is filled in (getsockname) only when a PROXY header toward the backend needs it.
     let mut client = ClientAddrs {
-        src: peer,
-        dst: peer,
+        source: peer,
+        destination: peer,
     };
     let mut dst_known = false;
     let mut trusted = false;
@@ -145,8 +145,8 @@ pub async fn serve(
         match proxy_in::read_header(&mut stream, peer, &mut buf, p.timeout).await {
             Ok(Some(a)) => {
                 client = ClientAddrs {
-                    src: a.src,
-                    dst: a.dst,
+                    source: a.src,
+                    destination: a.dst,
                 };
                 dst_known = true;
                 tally.client(a.src);
@@ -174,7 +174,7 @@ pub async fn serve(
                     clienthello::PeekError::Timeout { .. } => Failure::PeekTimeout,
                     _ => Failure::PeekError,
                 });
-                tracing::debug!(entry_point = %ep.name, client = %client.src, error = %e, "ClientHello peek failed");
+                tracing::debug!(entry_point = %ep.name, client = %client.source, error = %e, "ClientHello peek failed");
                 return;
             }
         }
@@ -194,29 +194,29 @@ pub async fn serve(
     let info = ConnInfo {
         sni,
         alpn,
-        client_ip: client.src.ip(),
+        client_ip: client.source.ip(),
         tls: is_tls,
     };
     let Some(route) = table.route(&info).cloned() else {
         EntryPointCounters::inc(&ep.counters.unrouted);
         tally.fail(Failure::NoRoute);
-        tracing::debug!(entry_point = %ep.name, client = %client.src, sni = ?sni, tls = is_tls, "no router matches; closing");
+        tracing::debug!(entry_point = %ep.name, client = %client.source, sni = ?sni, tls = is_tls, "no router matches; closing");
         return;
     };
     tally.routed(&route, sni);
-    let _guards = match crate::middleware::apply(&route.middlewares, client.src.ip()) {
+    let _guards = match crate::middleware::apply(&route.middlewares, client.source.ip()) {
         Ok(g) => g,
         Err(r) => {
             EntryPointCounters::inc(&ep.counters.refused);
             tally.refused(&route, r);
-            tracing::debug!(router = %route.name, client = %client.src, reason = r.as_str(), "refused by a middleware");
+            tracing::debug!(router = %route.name, client = %client.source, reason = r.as_str(), "refused by a middleware");
             return;
         }
     };
     let _route_open = route.counters.open();
     if route.tls == TlsMode::Terminate && is_tls {
         if !dst_known {
-            client.dst = stream.local_addr().unwrap_or(peer);
+            client.destination = stream.local_addr().unwrap_or(peer);
         }
         let cfg = tables.tls.clone();
         drop(tables);
@@ -230,7 +230,7 @@ pub async fn serve(
     drop(tables);
     let local = || {
         if dst_known {
-            client.dst
+            client.destination
         } else {
             stream.local_addr().unwrap_or(peer)
         }
@@ -290,11 +290,12 @@ async fn terminate(
         Err(e) => {
             EntryPointCounters::inc(&ep.counters.tls_errors);
             tally.tls_failed();
-            tracing::debug!(router = %route.name, client = %client.src, error = %e, "TLS handshake failed");
+            tracing::debug!(router = %route.name, client = %client.source, error = %e, "TLS handshake failed");
             return;
         }
     };
-    let Some((pick, mut backend)) = dial(route, client, &|| client.dst, opts, tally).await else {
+    let Some((pick, mut backend)) = dial(route, client, &|| client.destination, opts, tally).await
+    else {
         return;
     };
     tally.connected(&pick);
@@ -340,8 +341,8 @@ async fn dial(
         let start = tokio::time::Instant::now();
         // The original addresses only matter to a PROXY header toward the server.
         let addrs = pick.service.proxy_protocol.then(|| ClientAddrs {
-            src: client.src,
-            dst: dst(),
+            source: client.source,
+            destination: dst(),
         });
         match transport
             .dial(&pick.server.address, pick.server.tls, addrs)
@@ -379,7 +380,7 @@ async fn dial(
             Failure::DialFailed
         },
     );
-    tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client.src,
+    tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client.source,
         "no server available; closing the connection");
     None
 }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tagway_config::HealthCheck;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use crate::balancer::ServerState;
@@ -53,62 +52,25 @@ impl CheckSpec {
             timeout: pos(h.timeout(), HealthCheck::DEFAULT_TIMEOUT),
         }
     }
-
-    /// The address checked for `server` (`host:port`).
-    pub fn target(&self, server: &str) -> String {
-        match (self.port, server.rsplit_once(':')) {
-            (Some(p), Some((host, _))) => format!("{host}:{p}"),
-            _ => server.to_owned(),
-        }
-    }
 }
 
-/// Runs one check of `server`; `Err` says why it failed.
+/// Runs one check of `server` through `transport` (its PROXY and TLS settings apply); `Err` says
+/// why it failed.
 pub async fn check_once(
     spec: &CheckSpec,
     transport: &Transport,
     server: &ServerState,
-) -> Result<(), String> {
-    let target = spec.target(&server.address);
-    let work = async {
-        let mut s = transport
-            .dial(&target, server.tls, None)
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Some(send) = &spec.send {
-            s.write_all(send)
-                .await
-                .map_err(|e| format!("sending: {e}"))?;
-            s.flush().await.map_err(|e| format!("sending: {e}"))?;
-        }
-        if let Some(expect) = &spec.expect {
-            let mut got = Vec::with_capacity(expect.len());
-            let mut buf = [0u8; 512];
-            while got.len() < expect.len() {
-                let n = s
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| format!("reading: {e}"))?;
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-            }
-            if !got.starts_with(expect) {
-                return Err(format!(
-                    "expected {:?}, got {:?}",
-                    String::from_utf8_lossy(expect),
-                    String::from_utf8_lossy(&got)
-                ));
-            }
-        }
-        let _ = s.shutdown().await;
-        Ok(())
-    };
-    match tokio::time::timeout(spec.timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
-    }
+) -> Result<(), tagway_transport::CheckError> {
+    transport
+        .check_with_tls(
+            &server.address,
+            server.tls,
+            spec.port,
+            spec.send.as_deref(),
+            spec.expect.as_deref(),
+            spec.timeout,
+        )
+        .await
 }
 
 /// The running checks of one runtime table; dropping it stops them.
@@ -182,6 +144,7 @@ impl Drop for HealthChecks {
 mod tests {
     use super::*;
     use tagway_config::ServersTransport;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     fn transport() -> Transport {
@@ -197,15 +160,6 @@ mod tests {
             unhealthy_interval: Duration::from_millis(20),
             timeout: Duration::from_millis(500),
         }
-    }
-
-    #[test]
-    fn port_override() {
-        let mut s = spec(None, None);
-        assert_eq!(s.target("10.0.0.1:80"), "10.0.0.1:80");
-        s.port = Some(9000);
-        assert_eq!(s.target("10.0.0.1:80"), "10.0.0.1:9000");
-        assert_eq!(s.target("[::1]:80"), "[::1]:9000");
     }
 
     #[tokio::test]
@@ -231,7 +185,8 @@ mod tests {
             .unwrap();
         let e = check_once(&spec(Some("PANG"), Some("PONG")), &t, &server)
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected"), "{e}");
     }
 

@@ -20,7 +20,6 @@ pub mod observability;
 pub mod providers;
 pub mod proxy_in;
 pub mod router;
-pub mod rule_text;
 pub mod runtime;
 pub mod server;
 pub mod tls;

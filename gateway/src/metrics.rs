@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use crate::dial::DialErrorReason;
+use crate::dial::{DialErrorReason, REASONS, reason_index};
 use crate::observability::counters::{ConnectionBuckets, DialBuckets, FailureCounters, Histogram};
 
 /// Counters of a router, a service or a server.
@@ -17,8 +17,8 @@ pub struct Counters {
     pub bytes_in: AtomicU64,
     /// Bytes from the backend to the client.
     pub bytes_out: AtomicU64,
-    /// Failed dials, by reason (index = [`DialErrorReason::index`]).
-    pub dial_errors: [AtomicU64; DialErrorReason::COUNT],
+    /// Failed dials, by reason (index = [`reason_index`], order of [`DialErrorReason::ALL`]).
+    pub dial_errors: [AtomicU64; REASONS],
     /// Sum of the durations of successful dials, in microseconds.
     pub dial_micros: AtomicU64,
     /// Connections closed because no server was available.
@@ -41,12 +41,12 @@ impl Counters {
 
     /// Counts a failed dial.
     pub fn dial_error(&self, reason: DialErrorReason) {
-        self.dial_errors[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.dial_errors[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Failed dials for `reason`.
     pub fn dial_errors(&self, reason: DialErrorReason) -> u64 {
-        self.dial_errors[reason.index()].load(Ordering::Relaxed)
+        self.dial_errors[reason_index(reason)].load(Ordering::Relaxed)
     }
 
     /// Adds transferred bytes.

@@ -1,7 +1,7 @@
 //! Routing tables of an entry point and rule matching.
 //!
-//! Routes are sorted by priority (explicit, else the rule's length; ``HostSNI(`*`)`` alone is the
-//! lowest), ties by name. A TLS connection tries the TLS routers first, then the non-TLS ones (a
+//! Routes are sorted by priority (explicit, else [`Rule::default_priority`]: the rule's length,
+//! ``HostSNI(`*`)`` lowest), ties by name. A TLS connection tries the TLS routers first, then the non-TLS ones (a
 //! ``HostSNI(`*`)`` catch-all takes any connection); a plaintext connection only the non-TLS
 //! routers. When an entry point has no TLS router it routes at once, without reading a byte.
 
@@ -78,33 +78,6 @@ pub fn matches(rule: &Rule, c: &ConnInfo<'_>) -> bool {
     }
 }
 
-/// True when the rule is ``HostSNI(`*`)`` alone.
-pub fn is_catch_all(rule: &Rule) -> bool {
-    matches!(rule, Rule::HostSni(n) if n.len() == 1 && n[0] == "*")
-}
-
-/// The matchers of `rule` that need a TLS ClientHello (``HostSNI(`name`)``, `HostSNIRegexp`,
-/// `ALPN`), for the check that non-TLS routers use none.
-pub fn needs_tls(rule: &Rule) -> bool {
-    match rule {
-        Rule::HostSni(n) => n.iter().any(|n| n != "*"),
-        Rule::HostSniRegexp(_) | Rule::Alpn(_) => true,
-        Rule::ClientIp(_) => false,
-        Rule::And(a, b) | Rule::Or(a, b) => needs_tls(a) || needs_tls(b),
-        Rule::Not(a) => needs_tls(a),
-        _ => true,
-    }
-}
-
-/// The default priority: the rule's length; ``HostSNI(`*`)`` alone gets the lowest.
-pub fn default_priority(text: &str, rule: &Rule) -> i64 {
-    if is_catch_all(rule) {
-        i64::MIN
-    } else {
-        text.len() as i64
-    }
-}
-
 /// The routes of one entry point.
 #[derive(Debug, Default)]
 pub struct EntryTable {
@@ -159,13 +132,13 @@ impl EntryTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rule_text::parse;
+    use tagway_config::rule::parse;
 
     fn route(name: &str, rule: &str, tls: TlsMode, prio: Option<i64>) -> Arc<Route> {
         let r = parse(rule).unwrap();
         Arc::new(Route {
             name: name.into(),
-            priority: prio.unwrap_or_else(|| default_priority(rule, &r)),
+            priority: prio.unwrap_or_else(|| Rule::default_priority(rule)),
             rule: r,
             tls,
             middlewares: vec![],
@@ -256,21 +229,5 @@ mod tests {
         assert!(!t.needs_peek());
         assert!(t.route(&info(None, none, "127.0.0.1")).is_some());
         assert!(t.route(&info(None, none, "10.0.0.1")).is_none());
-    }
-
-    #[test]
-    fn tls_need() {
-        assert!(!needs_tls(
-            &parse("HostSNI(`*`) && !ClientIP(`10.0.0.1`)").unwrap()
-        ));
-        assert!(needs_tls(&parse("HostSNI(`a`)").unwrap()));
-        assert!(needs_tls(
-            &parse("ClientIP(`10.0.0.1`) || ALPN(`h2`)").unwrap()
-        ));
-        assert!(is_catch_all(&parse("HostSNI(`*`)").unwrap()));
-        assert_eq!(
-            default_priority("HostSNI(`*`)", &parse("HostSNI(`*`)").unwrap()),
-            i64::MIN
-        );
     }
 }

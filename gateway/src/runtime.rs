@@ -9,16 +9,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tagway_config::{Dynamic, LoadBalancer, ServersTransport, StaticConfig};
+use tagway_config::{Dynamic, LoadBalancer, Rule, StaticConfig};
 
 use crate::balancer::{Balancer, Peer, ServerState, ServiceInfo};
-use crate::dial::Transport;
+use crate::dial::{Transport, Transports};
 use crate::health::{CheckSpec, HealthChecks};
 use crate::middleware::{InFlightConn, IpAllowList, Middleware};
-use crate::router::{EntryTable, Route, TlsMode, default_priority, needs_tls};
+use crate::router::{EntryTable, Route, TlsMode};
 
-/// The name of the servers transport built from the static configuration.
-pub const DEFAULT_TRANSPORT: &str = "default@internal";
+pub use tagway_transport::DEFAULT_TRANSPORT;
 
 /// A resource that could not be compiled (the rest of the configuration still applies).
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +44,7 @@ pub struct Tables {
     /// Routers by name.
     pub routers: HashMap<String, Arc<Route>>,
     servers: HashMap<(String, String), Arc<ServerState>>,
+    transports: Option<Transports>,
     health: HealthChecks,
 }
 
@@ -62,9 +62,8 @@ impl Tables {
 
 struct Ctx<'a> {
     dynamic: &'a Dynamic,
-    static_cfg: &'a StaticConfig,
     prev: Option<&'a Tables>,
-    transports: HashMap<String, Result<Transport, String>>,
+    transports: Option<Transports>,
     services: HashMap<String, Result<Arc<Balancer>, String>>,
     servers: HashMap<(String, String), Arc<ServerState>>,
     health: HealthChecks,
@@ -72,30 +71,19 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn transport(&mut self, name: &str) -> Result<Transport, String> {
-        if let Some(t) = self.transports.get(name) {
-            return t.clone();
-        }
-        let cfg: Option<&ServersTransport> = if name == DEFAULT_TRANSPORT {
-            Some(&self.static_cfg.tcp_servers_transport)
-        } else {
-            self.dynamic.tcp.servers_transports.get(name)
+    fn transport(&self, name: &str) -> Result<Transport, String> {
+        let Some(ts) = &self.transports else {
+            return Err(format!(
+                "servers transport {DEFAULT_TRANSPORT} could not be built"
+            ));
         };
-        let res = match cfg {
-            None => Err(format!("servers transport {name} does not exist")),
-            Some(cfg) => Transport::new(name, cfg, None).map_err(|e| e.to_string()),
-        };
-        if let Err(e) = &res
-            && (name == DEFAULT_TRANSPORT || self.dynamic.tcp.servers_transports.contains_key(name))
-        {
-            self.errors.push(CompileError {
-                kind: "serversTransport",
-                name: name.to_owned(),
-                message: e.clone(),
-            });
-        }
-        self.transports.insert(name.to_owned(), res.clone());
-        res
+        ts.get(Some(name)).cloned().ok_or_else(|| {
+            if self.dynamic.tcp.servers_transports.contains_key(name) {
+                format!("servers transport {name} could not be built")
+            } else {
+                format!("servers transport {name} does not exist")
+            }
+        })
     }
 
     fn service(&mut self, name: &str, stack: &mut Vec<String>) -> Result<Arc<Balancer>, String> {
@@ -153,7 +141,13 @@ impl Ctx<'_> {
 
     fn load_balancer(&mut self, name: &str, lb: &LoadBalancer) -> Result<Arc<Balancer>, String> {
         let tname = lb.servers_transport.as_deref().unwrap_or(DEFAULT_TRANSPORT);
-        let transport = self.transport(tname)?;
+        let mut transport = self.transport(tname)?;
+        if let Some(pp) = &lb.proxy_protocol {
+            // Traefik v2's per-service PROXY protocol (deprecated) overrides the transport's.
+            let v = tagway_transport::ProxyVersion::from_number(pp.version)
+                .ok_or_else(|| format!("proxyProtocol.version {} is not 1 or 2", pp.version))?;
+            transport = transport.with_proxy_protocol(Some(v));
+        }
         let termination_delay = match lb.termination_delay {
             Some(ms) if ms < 0 => None,
             Some(ms) => Some(Duration::from_millis(ms as u64)),
@@ -183,19 +177,7 @@ impl Ctx<'_> {
                 &servers,
             );
         }
-        let proxy_protocol = lb.proxy_protocol.is_some()
-            || if tname == DEFAULT_TRANSPORT {
-                self.static_cfg
-                    .tcp_servers_transport
-                    .proxy_protocol
-                    .is_some()
-            } else {
-                self.dynamic
-                    .tcp
-                    .servers_transports
-                    .get(tname)
-                    .is_some_and(|t| t.proxy_protocol.is_some())
-            };
+        let proxy_protocol = transport.proxy_protocol().is_some();
         let info = Arc::new(ServiceInfo {
             name: name.to_owned(),
             transport: Some(transport),
@@ -228,15 +210,42 @@ pub fn compile(
     static_cfg: &StaticConfig,
     prev: Option<&Tables>,
 ) -> (Tables, Vec<CompileError>) {
+    let mut errors = Vec::new();
+    let default = match Transport::new(DEFAULT_TRANSPORT, &static_cfg.tcp_servers_transport, None) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errors.push(CompileError {
+                kind: "serversTransport",
+                name: DEFAULT_TRANSPORT.into(),
+                message: e.to_string(),
+            });
+            None
+        }
+    };
+    let transports = default.map(|d| {
+        let (ts, errs) = Transports::build(
+            d,
+            &dynamic.tcp.servers_transports,
+            None,
+            prev.and_then(|p| p.transports.as_ref()),
+        );
+        for e in errs {
+            errors.push(CompileError {
+                kind: "serversTransport",
+                name: e.transport().to_owned(),
+                message: e.to_string(),
+            });
+        }
+        ts
+    });
     let mut cx = Ctx {
         dynamic,
-        static_cfg,
         prev,
-        transports: HashMap::new(),
+        transports,
         services: HashMap::new(),
         servers: HashMap::new(),
         health: HealthChecks::default(),
-        errors: Vec::new(),
+        errors,
     };
     let mut middlewares: HashMap<&str, Result<Arc<Middleware>, String>> = HashMap::new();
     for (name, m) in &dynamic.tcp.middlewares {
@@ -333,6 +342,7 @@ pub fn compile(
         services,
         routers,
         servers: cx.servers,
+        transports: cx.transports,
         health: cx.health,
     };
     (tables, cx.errors)
@@ -344,13 +354,13 @@ fn compile_router(
     name: &str,
     r: &tagway_config::Router,
 ) -> Result<Arc<Route>, String> {
-    let rule = crate::rule_text::parse(&r.rule).map_err(|e| e.to_string())?;
+    let rule = tagway_config::rule::parse(&r.rule).map_err(|e| e.to_string())?;
     let tls = match &r.tls {
         None => TlsMode::None,
         Some(t) if t.passthrough => TlsMode::Passthrough,
         Some(_) => TlsMode::Terminate,
     };
-    if tls == TlsMode::None && needs_tls(&rule) {
+    if tls == TlsMode::None && rule.needs_tls() {
         return Err(format!(
             "rule {:?} matches on the TLS ClientHello (HostSNI with a name, HostSNIRegexp, ALPN): the router needs a tls section, or use HostSNI(`*`)",
             r.rule
@@ -369,7 +379,7 @@ fn compile_router(
         name: name.to_owned(),
         priority: r
             .priority
-            .unwrap_or_else(|| default_priority(&r.rule, &rule)),
+            .unwrap_or_else(|| Rule::default_priority(&r.rule)),
         rule,
         tls,
         middlewares: chain,

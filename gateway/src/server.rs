@@ -330,11 +330,11 @@ fn apply(
     for e in &errors {
         tracing::error!(error = %e, "configuration resource skipped");
     }
-    tracing::info!(
+    tracing::debug!(
         routers = new.routers.len(),
         services = new.services.len(),
         health_checks = new.health_checks(),
-        "configuration applied"
+        "runtime tables swapped"
     );
     tables.store(Arc::new(new));
     if let Some(o) = obs {

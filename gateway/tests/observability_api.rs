@@ -12,7 +12,7 @@ use tagway::observability::Observability;
 use tagway_config::{
     CertificateEntry, ClientCertificate, ConsulCatalog, Dynamic, FileOrContent, HttpAuth,
     InFlightConn, IpAllowList, Middleware, Origin, ResourceError, ResourceKind, RouterTls,
-    ServersTransport, Spiffe, TransportTls, Weighted, WeightedService,
+    ServersTransport, TransportTls, Weighted, WeightedService,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -58,10 +58,6 @@ fn file_part(e1: SocketAddr, e2: SocketAddr, server: &Pki, client: &Pki) -> Dyna
                 }],
                 root_cas: vec![FileOrContent(server.cert.clone())],
                 ..Default::default()
-            }),
-            spiffe: Some(Spiffe {
-                ids: vec!["spiffe://example.org/db".into()],
-                trust_domain: None,
             }),
             ..Default::default()
         },
@@ -256,7 +252,7 @@ async fn every_endpoint() {
         &json!({
             "entryPoints": ["tcp"],
             "rule": "HostSNI(`*`)",
-            "priority": i64::MIN,
+            "priority": tagway_config::Rule::default_priority("HostSNI(`*`)"),
             "service": "app@file",
             "middlewares": ["allow@file", "limit@file"],
             "using": ["tcp"],
@@ -352,7 +348,7 @@ async fn every_endpoint() {
             "rootCAs": ["<redacted>"],
         })
     );
-    assert_eq!(mtls["spiffe"], json!({"ids": ["spiffe://example.org/db"]}));
+    assert_eq!(mtls["status"], "enabled");
 
     // /api/errors: validation and runtime errors in force (the provider failure is cleared).
     let errors = get_json(admin, "/api/errors").await;

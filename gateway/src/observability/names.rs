@@ -96,7 +96,7 @@ defs! {
     /// Server dial durations.
     SERVER_DIAL_DURATION = "tagway_server_dial_duration_seconds", Histogram, ["service", "server"], "Duration of successful dials (TCP connect, PROXY header, TLS handshake)";
     /// Server dial errors by reason.
-    SERVER_DIAL_ERRORS = "tagway_server_dial_errors_total", Counter, ["service", "server", "reason"], "Failed dials, by the transport's reason (timeout, refused, unreachable, tls_handshake, untrusted_certificate, san_mismatch, spiffe_id_mismatch, proxy_header, other)";
+    SERVER_DIAL_ERRORS = "tagway_server_dial_errors_total", Counter, ["service", "server", "reason"], "Failed dials, by the transport's reason (timeout, refused, unreachable, resolve, tls_handshake, untrusted_certificate, san_mismatch, spiffe_id_mismatch, proxy_header, no_identity, other)";
 
     /// Provider reloads.
     CONFIG_RELOADS = "tagway_config_reloads_total", Counter, ["provider"], "Configurations received from the provider";
