@@ -13,6 +13,7 @@ use tagway_config::{Dynamic, LogFormat, StaticConfig, Validated, load_static, me
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
 
+use crate::observability::Observability;
 use crate::providers::file::{self, FileProviderHandle};
 
 /// Initialises logging from `log.level` and `log.format`; `RUST_LOG`, when set, overrides the
@@ -69,11 +70,20 @@ pub fn apply(st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
 
 /// Combines provider channels (`(provider name, its output)`) into one channel of merged,
 /// validated configurations, recomputed whenever a provider publishes. Must be called inside a
-/// tokio runtime. More providers (the Consul catalog) plug in here.
+/// tokio runtime. More providers (the Consul catalog) plug in here. `obs` is told of every
+/// provider update, the validation errors and each configuration sent (metrics, `/ready`,
+/// `/api/errors`).
 pub fn combine(
     st: Arc<StaticConfig>,
     sources: Vec<(String, watch::Receiver<Arc<Dynamic>>)>,
+    obs: Option<Observability>,
 ) -> watch::Receiver<Arc<Dynamic>> {
+    if let Some(o) = &obs {
+        for (name, rx) in &sources {
+            o.provider_updated(name, &rx.borrow());
+        }
+    }
+    let obs_current = obs.clone();
     let current = move |sources: &[(String, watch::Receiver<Arc<Dynamic>>)]| {
         let snapshot: Vec<(String, Arc<Dynamic>)> = sources
             .iter()
@@ -83,15 +93,27 @@ pub fn combine(
             .iter()
             .map(|(n, d)| (n.as_str(), d.as_ref()))
             .collect();
-        Arc::new(apply(&st, &parts).config)
+        let v = apply(&st, &parts);
+        if let Some(o) = &obs_current {
+            o.validated(&v.errors);
+        }
+        Arc::new(v.config)
     };
-    let (tx, rx) = watch::channel(current(&sources));
+    let first = current(&sources);
+    if let Some(o) = &obs {
+        o.publish(&first);
+    }
+    let (tx, rx) = watch::channel(first);
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
-    for (_, rx) in &sources {
+    for (name, rx) in &sources {
         let mut rx = rx.clone();
         let changed_tx = changed_tx.clone();
+        let (name, obs) = (name.clone(), obs.clone());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
+                if let Some(o) = &obs {
+                    o.provider_updated(&name, &rx.borrow());
+                }
                 // A full channel already holds a pending recomputation.
                 let _ = changed_tx.try_send(());
             }
@@ -106,7 +128,13 @@ pub fn combine(
             }
             let next = current(&sources);
             if **tx.borrow() != *next {
+                if let Some(o) = &obs {
+                    o.publish(&next);
+                }
                 tx.send_replace(next);
+            } else if let Some(o) = &obs {
+                // Same configuration: the one in use now also holds this update.
+                o.publish(&tx.borrow());
             }
         }
     });
@@ -115,16 +143,19 @@ pub fn combine(
 
 /// Starts the providers of the static configuration (the file provider here; the Consul catalog
 /// provider plugs into [`combine`]). Must be called inside a tokio runtime.
-pub fn providers(st: Arc<StaticConfig>) -> Providers {
+pub fn providers(st: Arc<StaticConfig>, obs: Option<Observability>) -> Providers {
     let mut sources = Vec::new();
     let mut handle = None;
     if let Some(f) = &st.providers.file {
+        if let Some(o) = &obs {
+            o.expect_provider(file::PROVIDER);
+        }
         let (rx, h) = file::start(f.clone());
         sources.push((file::PROVIDER.to_owned(), rx));
         handle = Some(h);
     }
     Providers {
-        config: combine(st, sources),
+        config: combine(st, sources, obs),
         file: handle,
     }
 }
@@ -152,9 +183,29 @@ pub fn main(path: &Path) -> ExitCode {
     rt.block_on(async move {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "tagway starting");
         let st = Arc::new(st);
-        let providers = providers(st.clone());
-        let mut gateway = crate::server::Gateway::new((*st).clone());
+        let obs = match Observability::new(&st) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // The Consul provider's `metrics::…!` calls land in /metrics.
+        obs.metrics().install_global();
+        let providers = providers(st.clone(), Some(obs.clone()));
+        let mut gateway = crate::server::Gateway::new((*st).clone()).with_observability(obs.clone());
         if let Err(e) = gateway.bind() {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = crate::admin::spawn_if_configured(
+            st.clone(),
+            obs,
+            gateway.handle(),
+            std::future::pending(),
+        )
+        .await
+        {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }

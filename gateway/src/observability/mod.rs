@@ -279,15 +279,41 @@ impl Observability {
 
     /// Call right before sending `cfg` (merged and validated) to the data plane: readiness and
     /// the change-to-applied latency follow it.
+    ///
+    /// Publishing the configuration already in use again (a provider update that changed nothing
+    /// after merging) counts its changes as applied now, and marks readiness when it completes
+    /// the set of expected providers.
     pub fn publish(&self, cfg: &Arc<Dynamic>) {
         let mut st = self.state();
         let complete = st
             .expected
             .iter()
             .all(|p| st.providers.get(p).is_some_and(|s| s.reloads > 0));
-        let changes = std::mem::take(&mut st.pending_changes)
+        let changes: Vec<(String, Instant)> = std::mem::take(&mut st.pending_changes)
             .into_iter()
             .collect();
+        if let Some(p) = st
+            .published
+            .iter_mut()
+            .find(|p| std::ptr::eq(p.cfg.as_ptr(), Arc::as_ptr(cfg)))
+        {
+            p.complete |= complete;
+            p.changes.extend(changes);
+            return;
+        }
+        if st.applied.as_ref().is_some_and(|a| Arc::ptr_eq(a, cfg)) {
+            drop(st);
+            for (provider, at) in changes {
+                self.inner
+                    .metrics
+                    .histogram(&names::CONFIG_CHANGE_APPLIED, &[("provider", &provider)])
+                    .record(at.elapsed().as_secs_f64());
+            }
+            if complete && !self.inner.ready.swap(true, Ordering::Relaxed) {
+                tracing::info!("ready: the first configuration of every provider is applied");
+            }
+            return;
+        }
         st.published.push_back(Published {
             cfg: Arc::downgrade(cfg),
             complete,
