@@ -539,3 +539,85 @@ impl Observability {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(providers: &[&str]) -> Observability {
+        let o = Observability::with_access_log(&StaticConfig::default(), None);
+        for p in providers {
+            o.expect_provider(p);
+        }
+        o
+    }
+
+    fn cfg() -> Arc<Dynamic> {
+        Arc::new(Dynamic::default())
+    }
+
+    #[test]
+    fn ready_once_every_provider_is_in_an_applied_configuration() {
+        let o = obs(&["file", "consulcatalog"]);
+        o.provider_updated("file", &Dynamic::default());
+        let c1 = cfg();
+        o.publish(&c1);
+        o.applied(&c1, &[]);
+        assert!(!o.is_ready());
+        assert_eq!(o.waiting_for(), ["consulcatalog"]);
+        // Consul delivers; two configurations are published, the data plane only sees the last.
+        o.provider_updated("consulcatalog", &Dynamic::default());
+        let c2 = cfg();
+        o.publish(&c2);
+        let c3 = cfg();
+        o.publish(&c3);
+        assert!(!o.is_ready(), "published is not applied");
+        o.applied(&c3, &[]);
+        assert!(o.is_ready());
+        assert!(o.waiting_for().is_empty());
+        assert_eq!(o.applied_count(), 2);
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_completes_readiness() {
+        let o = obs(&["file", "consulcatalog"]);
+        o.provider_updated("file", &Dynamic::default());
+        let c1 = cfg();
+        o.publish(&c1);
+        o.applied(&c1, &[]);
+        o.provider_updated("consulcatalog", &Dynamic::default());
+        // The merge is unchanged: the pipeline publishes the configuration in use again.
+        o.publish(&c1);
+        assert!(o.is_ready());
+        let text = o.metrics().render_registry();
+        assert!(
+            text.contains(
+                "tagway_config_change_to_applied_seconds_count{provider=\"consulcatalog\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_expected_providers_the_first_apply_is_ready() {
+        let o = obs(&[]);
+        assert!(!o.is_ready());
+        o.applied(&cfg(), &[]);
+        assert!(o.is_ready());
+    }
+
+    #[test]
+    fn errors_in_force() {
+        let o = obs(&["file"]);
+        o.provider_failed("file", &"dynamic.toml:3:1: expected a table");
+        let e = o.errors();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].stage, "provider");
+        assert!(e[0].message.contains("dynamic.toml:3:1"));
+        // A successful reload clears the provider's failure.
+        o.provider_updated("file", &Dynamic::default());
+        assert!(o.errors().is_empty());
+        let p = &o.providers()[0];
+        assert_eq!((p.reloads, p.failures), (1, 1));
+    }
+}
