@@ -11,7 +11,11 @@ use tagway_integration::catalog::{DevCatalog, FleetSpec};
 #[command(name = "tagway-dev-catalog", version)]
 struct Args {
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8500", env = "TAGWAY_DEV_CATALOG_ADDR")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8500",
+        env = "TAGWAY_DEV_CATALOG_ADDR"
+    )]
     addr: String,
     /// Datacenter name.
     #[arg(long, default_value = "dc1")]
@@ -76,7 +80,11 @@ async fn main() -> anyhow::Result<()> {
         catalog.http_url(),
         catalog.datacenter(),
         catalog.trust_domain(),
-        if args.token.is_some() { ", ACLs on" } else { "" }
+        if args.token.is_some() {
+            ", ACLs on"
+        } else {
+            ""
+        }
     );
     println!("  export CONSUL_HTTP_ADDR={}", catalog.addr());
     tokio::signal::ctrl_c()

@@ -351,7 +351,9 @@ mod tests {
             Some("root".into()),
             vec![(
                 "t".into(),
-                TokenPolicy::none().service_read("web").service_write("tagway"),
+                TokenPolicy::none()
+                    .service_read("web")
+                    .service_write("tagway"),
             )],
             AnonymousReads::Deny,
         );

@@ -110,9 +110,7 @@ pub(crate) fn parse_read_options(p: &Params) -> Result<ReadOptions, BadRequest> 
                 }
             }
             None => {
-                return Err(BadRequest(format!(
-                    "Invalid max_stale value {max_stale:?}"
-                )));
+                return Err(BadRequest(format!("Invalid max_stale value {max_stale:?}")));
             }
         }
     }
@@ -128,7 +126,8 @@ pub(crate) fn parse_read_options(p: &Params) -> Result<ReadOptions, BadRequest> 
     }
     let mut wait = DEFAULT_WAIT;
     if let Some(w) = p.get("wait").filter(|v| !v.is_empty()) {
-        let nanos = parse_go_duration(w).ok_or_else(|| BadRequest("Invalid wait time".to_owned()))?;
+        let nanos =
+            parse_go_duration(w).ok_or_else(|| BadRequest("Invalid wait time".to_owned()))?;
         if nanos > 0 {
             wait = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)).min(MAX_WAIT);
         }
@@ -215,7 +214,10 @@ mod tests {
 
     #[test]
     fn wait_is_capped_and_defaulted() {
-        assert_eq!(opts("index=5&wait=30s").expect("ok").wait, Duration::from_secs(30));
+        assert_eq!(
+            opts("index=5&wait=30s").expect("ok").wait,
+            Duration::from_secs(30)
+        );
         assert_eq!(opts("index=5&wait=1h").expect("ok").wait, MAX_WAIT);
         assert_eq!(opts("index=5&wait=0s").expect("ok").wait, DEFAULT_WAIT);
         assert_eq!(opts("index=5&wait=-3s").expect("ok").wait, DEFAULT_WAIT);
@@ -224,9 +226,18 @@ mod tests {
 
     #[test]
     fn malformed_values_are_consul_400s() {
-        assert_eq!(opts("wait=5").err(), Some(BadRequest("Invalid wait time".into())));
-        assert_eq!(opts("index=abc").err(), Some(BadRequest("Invalid index".into())));
-        assert_eq!(opts("index=-1").err(), Some(BadRequest("Invalid index".into())));
+        assert_eq!(
+            opts("wait=5").err(),
+            Some(BadRequest("Invalid wait time".into()))
+        );
+        assert_eq!(
+            opts("index=abc").err(),
+            Some(BadRequest("Invalid index".into()))
+        );
+        assert_eq!(
+            opts("index=-1").err(),
+            Some(BadRequest("Invalid index".into()))
+        );
         assert_eq!(
             opts("stale&consistent").err(),
             Some(BadRequest(

@@ -98,7 +98,9 @@ async fn http_probe(url: &str, limit: Duration) -> (CheckStatus, String) {
         Err(_) => {
             return (
                 CheckStatus::Critical,
-                format!("Get {url:?}: context deadline exceeded (Client.Timeout exceeded while awaiting headers)"),
+                format!(
+                    "Get {url:?}: context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
+                ),
             );
         }
     };
@@ -194,7 +196,9 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_probe_reports_success_and_refusal() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let (status, output) = tcp_probe(&addr, Duration::from_secs(5)).await;
         assert_eq!(status, CheckStatus::Passing);
@@ -207,7 +211,9 @@ mod tests {
 
     #[tokio::test]
     async fn http_probe_maps_status_codes() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr");
         let server = tokio::spawn(async move {
             for answer in ["200 OK", "429 Too Many Requests", "503 Service Unavailable"] {
@@ -222,8 +228,14 @@ mod tests {
         let (s1, o1) = http_probe(&url, Duration::from_secs(5)).await;
         assert_eq!(s1, CheckStatus::Passing);
         assert_eq!(o1, format!("HTTP GET {url}: 200 OK Output: ok"));
-        assert_eq!(http_probe(&url, Duration::from_secs(5)).await.0, CheckStatus::Warning);
-        assert_eq!(http_probe(&url, Duration::from_secs(5)).await.0, CheckStatus::Critical);
+        assert_eq!(
+            http_probe(&url, Duration::from_secs(5)).await.0,
+            CheckStatus::Warning
+        );
+        assert_eq!(
+            http_probe(&url, Duration::from_secs(5)).await.0,
+            CheckStatus::Critical
+        );
         server.await.expect("server");
     }
 }

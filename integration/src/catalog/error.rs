@@ -15,7 +15,9 @@ pub enum CatalogError {
         source: std::io::Error,
     },
     /// The listen address is not a socket address.
-    #[error("dev catalog: invalid listen address {addr:?}: expected host:port such as 127.0.0.1:8500")]
+    #[error(
+        "dev catalog: invalid listen address {addr:?}: expected host:port such as 127.0.0.1:8500"
+    )]
     InvalidAddress {
         /// The text given.
         addr: String,

@@ -131,7 +131,10 @@ impl FaultRule {
 
     fn matches(&self, method: &str, path: &str) -> bool {
         self.remaining != Some(0)
-            && self.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| path.starts_with(p))
             && self.method.as_deref().is_none_or(|m| m == method)
     }
 }
@@ -266,10 +269,11 @@ mod tests {
     #[test]
     fn rules_fire_in_order_and_run_out() {
         let st = FaultState::default();
-        st.rules
-            .lock()
-            .expect("lock")
-            .push(FaultRule::server_error().path_prefix("/v1/health/").times(2));
+        st.rules.lock().expect("lock").push(
+            FaultRule::server_error()
+                .path_prefix("/v1/health/")
+                .times(2),
+        );
         st.rules
             .lock()
             .expect("lock")

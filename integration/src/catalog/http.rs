@@ -35,13 +35,15 @@ use super::blocking::{
 use super::error::CatalogError;
 use super::fault::{FaultAction, FaultState};
 use super::json::{
-    AgentHealthJson, AgentServiceJson, CatalogNodeJson, CatalogServiceJson, CheckJson,
-    DecodeError, HealthEntryJson, LeafJson, NodeJson, RootsJson, ServiceJson, decode_agent_check,
+    AgentHealthJson, AgentServiceJson, CatalogNodeJson, CatalogServiceJson, CheckJson, DecodeError,
+    HealthEntryJson, LeafJson, NodeJson, RootsJson, ServiceJson, decode_agent_check,
     decode_catalog_deregister, decode_catalog_register, decode_check_update, decode_service,
     parse_body, to_body,
 };
 use super::model::CheckStatus;
-use super::state::{CONSUL_VERSION, CheckRec, Key, NodeEntry, NodeRec, State as CatalogState, Store, TtlError};
+use super::state::{
+    CONSUL_VERSION, CheckRec, Key, NodeEntry, NodeRec, State as CatalogState, Store, TtlError,
+};
 use super::util::{parse_go_bool, uuid_v4};
 
 /// Configuration the handlers need.
@@ -216,7 +218,11 @@ impl Shared {
             set(h, "X-Consul-Index", &index.max(1).to_string());
         }
         self.leader_headers(h);
-        set(h, "X-Consul-Effective-Consistency", meta.consistency.header());
+        set(
+            h,
+            "X-Consul-Effective-Consistency",
+            meta.consistency.header(),
+        );
         set(
             h,
             "X-Consul-Default-ACL-Policy",
@@ -280,7 +286,9 @@ fn bool_param(params: &Params, key: &str) -> Result<bool, ApiError> {
     match params.get(key) {
         None => Ok(false),
         Some("") => Ok(true),
-        Some(v) => parse_go_bool(v).ok_or_else(|| ApiError::bad(format!("Invalid value for ?{key}"))),
+        Some(v) => {
+            parse_go_bool(v).ok_or_else(|| ApiError::bad(format!("Invalid value for ?{key}")))
+        }
     }
 }
 
@@ -298,7 +306,10 @@ async fn catalog_services(State(sh): State<AppState>, headers: HeaderMap, uri: U
     let (index, (body, filtered)) =
         blocking_query(&sh.store, &opts, &[Key::Services], |st, idx| {
             let index = idx[0];
-            let mut cache = store.services_cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cache = store
+                .services_cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if cacheable {
                 if let Some((i, g, _, body)) = cache.as_ref() {
                     if *i == index && *g == generation {
@@ -372,7 +383,9 @@ async fn catalog_service_common(
         let mut filtered = false;
         let mut out = Vec::new();
         for (entry, svc) in st.instances(set) {
-            if !authz.can(Perm::ServiceRead(&svc.name)) || !authz.can(Perm::NodeRead(&entry.node.name)) {
+            if !authz.can(Perm::ServiceRead(&svc.name))
+                || !authz.can(Perm::NodeRead(&entry.node.name))
+            {
                 filtered = true;
                 continue;
             }
@@ -455,11 +468,8 @@ async fn catalog_node(
     let (opts, authz) = sh.begin_read(&headers, &p)?;
     authz.require(Perm::NodeRead(&node))?;
     let pretty = p.has("pretty");
-    let (index, body) = blocking_query(
-        &sh.store,
-        &opts,
-        &[Key::Nodes, Key::Services],
-        |st, idx| {
+    let (index, body) =
+        blocking_query(&sh.store, &opts, &[Key::Nodes, Key::Services], |st, idx| {
             let index = idx[0].max(idx[1]);
             let body = match st.nodes.get(&node) {
                 None => to_body(&serde_json::Value::Null, pretty),
@@ -480,9 +490,8 @@ async fn catalog_node(
                 }
             };
             (index, body)
-        },
-    )
-    .await;
+        })
+        .await;
     Ok(sh.read_response(
         ReadMeta {
             index: Some(index),
@@ -512,7 +521,8 @@ fn health_entries<'a>(
     let mut filtered = false;
     let mut out = Vec::new();
     for (entry, svc) in st.instances(set) {
-        if !authz.can(Perm::ServiceRead(&svc.name)) || !authz.can(Perm::NodeRead(&entry.node.name)) {
+        if !authz.can(Perm::ServiceRead(&svc.name)) || !authz.can(Perm::NodeRead(&entry.node.name))
+        {
             filtered = true;
             continue;
         }
@@ -601,8 +611,11 @@ async fn health_checks(
     let (opts, authz) = sh.begin_read(&headers, &p)?;
     authz.require_list_read(Perm::ServiceRead(&name))?;
     let pretty = p.has("pretty");
-    let (index, (body, filtered)) =
-        blocking_query(&sh.store, &opts, &[Key::Service(name.clone())], |st, idx| {
+    let (index, (body, filtered)) = blocking_query(
+        &sh.store,
+        &opts,
+        &[Key::Service(name.clone())],
+        |st, idx| {
             let mut filtered = false;
             let mut out: Vec<CheckJson<'_>> = Vec::new();
             for (entry, svc) in st.instances(st.by_name.get(&name)) {
@@ -616,9 +629,13 @@ async fn health_checks(
                     }
                 }
             }
-            (st.service_index(&name, idx[0]), (to_body(&out, pretty), filtered))
-        })
-        .await;
+            (
+                st.service_index(&name, idx[0]),
+                (to_body(&out, pretty), filtered),
+            )
+        },
+    )
+    .await;
     Ok(sh.read_response(
         ReadMeta {
             index: Some(index),
@@ -808,7 +825,10 @@ async fn agent_service(
         Some((
             s.name.clone(),
             format!("{:016x}", s.modify_index),
-            to_body(&AgentServiceJson::new(s, &st.datacenter, true), p.has("pretty")),
+            to_body(
+                &AgentServiceJson::new(s, &st.datacenter, true),
+                p.has("pretty"),
+            ),
         ))
     });
     let Some((name, hash, body)) = found else {
@@ -1094,7 +1114,9 @@ async fn agent_service_register(
                 .map(|e| {
                     e.checks
                         .values()
-                        .filter(|c| c.service_id == sid && !c.is_maintenance() && !keep.contains(&c.id))
+                        .filter(|c| {
+                            c.service_id == sid && !c.is_maintenance() && !keep.contains(&c.id)
+                        })
                         .map(|c| c.id.clone())
                         .collect()
                 })
@@ -1151,8 +1173,8 @@ async fn agent_service_maintenance(
     let Some(raw) = p.get("enable") else {
         return Err(ApiError::bad("Missing value for enable"));
     };
-    let enable =
-        parse_go_bool(raw).ok_or_else(|| ApiError::bad(format!("Invalid value for enable: {raw:?}")))?;
+    let enable = parse_go_bool(raw)
+        .ok_or_else(|| ApiError::bad(format!("Invalid value for enable: {raw:?}")))?;
     let authz = sh.authorize(&headers, &p)?;
     let name = agent_service_name(&sh, &id)
         .map_err(|_| ApiError::not_found(format!("No service registered with ID {id:?}")))?;
@@ -1170,8 +1192,8 @@ async fn agent_maintenance(State(sh): State<AppState>, headers: HeaderMap, uri: 
     let Some(raw) = p.get("enable") else {
         return Err(ApiError::bad("Missing value for enable"));
     };
-    let enable =
-        parse_go_bool(raw).ok_or_else(|| ApiError::bad(format!("Invalid value for enable: {raw:?}")))?;
+    let enable = parse_go_bool(raw)
+        .ok_or_else(|| ApiError::bad(format!("Invalid value for enable: {raw:?}")))?;
     let authz = sh.authorize(&headers, &p)?;
     authz.require(Perm::NodeWrite(&sh.cfg.node_name))?;
     let reason = p.get("reason").map(str::to_owned);
@@ -1430,12 +1452,14 @@ async fn fault_layer(State(sh): State<AppState>, req: Request, next: Next) -> Re
                     .await
                     .unwrap_or_default();
                 let half = bytes.slice(..bytes.len() / 2);
-                let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(half) })
-                    .chain(futures_util::stream::once(async move {
-                        sleep(after).await;
-                        abort.0.notify_one();
-                        std::future::pending::<Result<Bytes, Infallible>>().await
-                    }));
+                let stream = futures_util::stream::once(
+                    async move { Ok::<Bytes, Infallible>(half) },
+                )
+                .chain(futures_util::stream::once(async move {
+                    sleep(after).await;
+                    abort.0.notify_one();
+                    std::future::pending::<Result<Bytes, Infallible>>().await
+                }));
                 let mut r = Response::from_parts(parts, Body::from_stream(stream));
                 r.headers_mut().remove(axum::http::header::CONTENT_LENGTH);
                 r
@@ -1469,13 +1493,25 @@ pub(crate) fn router(sh: AppState) -> Router {
         .route("/v1/agent/checks", get(agent_checks))
         .route("/v1/agent/maintenance", put(agent_maintenance))
         .route("/v1/agent/service/register", put(agent_service_register))
-        .route("/v1/agent/service/deregister/{*id}", put(agent_service_deregister))
-        .route("/v1/agent/service/maintenance/{*id}", put(agent_service_maintenance))
+        .route(
+            "/v1/agent/service/deregister/{*id}",
+            put(agent_service_deregister),
+        )
+        .route(
+            "/v1/agent/service/maintenance/{*id}",
+            put(agent_service_maintenance),
+        )
         .route("/v1/agent/service/{*id}", get(agent_service))
-        .route("/v1/agent/health/service/name/{*name}", get(agent_health_by_name))
+        .route(
+            "/v1/agent/health/service/name/{*name}",
+            get(agent_health_by_name),
+        )
         .route("/v1/agent/health/service/id/{*id}", get(agent_health_by_id))
         .route("/v1/agent/check/register", put(agent_check_register))
-        .route("/v1/agent/check/deregister/{*id}", put(agent_check_deregister))
+        .route(
+            "/v1/agent/check/deregister/{*id}",
+            put(agent_check_deregister),
+        )
         .route("/v1/agent/check/pass/{*id}", put(agent_check_pass))
         .route("/v1/agent/check/warn/{*id}", put(agent_check_warn))
         .route("/v1/agent/check/fail/{*id}", put(agent_check_fail))
@@ -1496,10 +1532,11 @@ async fn serve_conn(stream: TcpStream, router: Router, shutdown: CancellationTok
     let _ = stream.set_nodelay(true);
     let abort = Arc::new(Notify::new());
     let conn_abort = ConnAbort(abort.clone());
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(conn_abort.clone());
-        router.clone().oneshot(req.map(Body::new))
-    });
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(conn_abort.clone());
+            router.clone().oneshot(req.map(Body::new))
+        });
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {

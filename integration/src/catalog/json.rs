@@ -458,7 +458,10 @@ impl<'a> RootsJson<'a> {
         trust_domain: &'a str,
         cluster_id: &'a str,
     ) -> Self {
-        let active = roots.iter().find(|r| r.active).map_or("", |r| r.id.as_str());
+        let active = roots
+            .iter()
+            .find(|r| r.active)
+            .map_or("", |r| r.id.as_str());
         RootsJson {
             active_root_id: active,
             trust_domain,
@@ -895,9 +898,8 @@ fn decode_catalog_check(v: &Value) -> Result<(Option<String>, CheckDefinition), 
     let status = if status.is_empty() {
         CheckStatus::Critical
     } else {
-        CheckStatus::parse(&status).ok_or_else(|| {
-            DecodeError::bad_request(format!("Invalid check status: '{status}'"))
-        })?
+        CheckStatus::parse(&status)
+            .ok_or_else(|| DecodeError::bad_request(format!("Invalid check status: '{status}'")))?
     };
     let mut type_name = o.string("Type")?;
     let mut interval = None;
@@ -1022,9 +1024,8 @@ pub(crate) fn decode_catalog_deregister(v: &Value) -> Result<CatalogDeregister, 
 pub(crate) fn decode_check_update(v: &Value) -> Result<(CheckStatus, String), DecodeError> {
     let o = Obj::from_value(v, "agent.checkUpdate")?;
     let status = o.string("Status")?;
-    let status = CheckStatus::parse(&status).ok_or_else(|| {
-        DecodeError::bad_request(format!("Invalid check status: '{status}'"))
-    })?;
+    let status = CheckStatus::parse(&status)
+        .ok_or_else(|| DecodeError::bad_request(format!("Invalid check status: '{status}'")))?;
     Ok((status, o.string("Output")?))
 }
 
@@ -1046,10 +1047,7 @@ mod tests {
         assert_eq!(reg.port, 80);
         assert!(reg.enable_tag_override);
         assert_eq!(reg.tagged_addresses["lan"].address, "10.0.0.1");
-        assert_eq!(
-            reg.checks[0].kind,
-            CheckKind::Ttl(Duration::from_secs(10))
-        );
+        assert_eq!(reg.checks[0].kind, CheckKind::Ttl(Duration::from_secs(10)));
     }
 
     #[test]
@@ -1086,7 +1084,9 @@ mod tests {
     fn durations_may_be_numbers_of_nanoseconds() {
         let v = json!({"TCP": "127.0.0.1:1", "Interval": 2_000_000_000u64});
         let c = decode_agent_check(&v).expect("decodes");
-        assert!(matches!(c.kind, CheckKind::Tcp { interval, .. } if interval == Duration::from_secs(2)));
+        assert!(
+            matches!(c.kind, CheckKind::Tcp { interval, .. } if interval == Duration::from_secs(2))
+        );
     }
 
     #[test]

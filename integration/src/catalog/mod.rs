@@ -55,6 +55,9 @@ pub use acl::{AnonymousReads, TokenPolicy};
 pub use connect::{LeafCertificate, RootCertificate};
 pub use error::CatalogError;
 pub use fault::{FaultAction, FaultRule, Faults, NO_LEADER_ERROR};
+#[cfg(test)]
+mod tests;
+
 pub use model::{
     CheckDefinition, CheckStatus, FleetSpec, NodeRegistration, ProxyConfig, ServiceAddress,
     ServiceRegistration, TagFn, Weights,
@@ -184,6 +187,32 @@ impl DevCatalogBuilder {
         let addr = listener
             .local_addr()
             .map_err(|source| CatalogError::ListenerAddress { source })?;
+        let shared = self.build_shared(addr)?;
+        let shutdown = shared.store.shutdown.clone();
+        let tracker = TaskTracker::new();
+        let router = http::router(shared.clone());
+        tracker.spawn(http::serve(
+            listener,
+            router,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracing::info!(%addr, "dev catalog listening");
+        let faults = Faults {
+            state: shared.faults.clone(),
+            store: shared.store.clone(),
+        };
+        Ok(DevCatalogHandle {
+            shared,
+            addr,
+            shutdown,
+            tracker,
+            faults,
+        })
+    }
+
+    /// Builds the state and HTTP configuration for a server reachable at `addr`.
+    fn build_shared(self, addr: SocketAddr) -> Result<Arc<Shared>, CatalogError> {
         let node_address = self.node_address.clone().unwrap_or_else(|| {
             if addr.ip().is_unspecified() {
                 "127.0.0.1".to_owned()
@@ -204,8 +233,8 @@ impl DevCatalogBuilder {
                 .map(|e| e.node.id.clone())
                 .unwrap_or_else(http::new_node_id)
         });
-        let shared = Arc::new(Shared {
-            store: store.clone(),
+        Ok(Arc::new(Shared {
+            store,
             acl: Acl::new(self.management_token, self.tokens, self.anonymous),
             faults: Arc::new(FaultState::default()),
             cfg: HttpConfig {
@@ -218,28 +247,30 @@ impl DevCatalogBuilder {
                 )),
                 leaf_ttl: self.leaf_ttl,
             },
-        });
-        let shutdown = store.shutdown.clone();
-        let tracker = TaskTracker::new();
+        }))
+    }
+
+    /// For in-crate tests: the router and a handle-like view without a socket.
+    #[cfg(test)]
+    pub(crate) fn build_for_test(self) -> (axum::Router, DevCatalogHandle) {
+        let addr: SocketAddr = "127.0.0.1:8500".parse().expect("literal address");
+        let shared = self.build_shared(addr).expect("dev catalog state");
         let router = http::router(shared.clone());
-        tracker.spawn(http::serve(
-            listener,
-            router,
-            shutdown.clone(),
-            tracker.clone(),
-        ));
-        tracing::info!(%addr, "dev catalog listening");
         let faults = Faults {
             state: shared.faults.clone(),
-            store,
+            store: shared.store.clone(),
         };
-        Ok(DevCatalogHandle {
-            shared,
-            addr,
-            shutdown,
-            tracker,
-            faults,
-        })
+        let shutdown = shared.store.shutdown.clone();
+        (
+            router,
+            DevCatalogHandle {
+                shared,
+                addr,
+                shutdown,
+                tracker: TaskTracker::new(),
+                faults,
+            },
+        )
     }
 }
 
@@ -466,7 +497,8 @@ impl DevCatalogHandle {
 
     /// The Connect trust domain, `<cluster uuid>.consul`.
     pub fn trust_domain(&self) -> String {
-        self.store().with_state(|st| st.ca.trust_domain().to_owned())
+        self.store()
+            .with_state(|st| st.ca.trust_domain().to_owned())
     }
 
     /// The SPIFFE ID of a service: `spiffe://<trust domain>/ns/default/dc/<dc>/svc/<name>`.

@@ -212,7 +212,9 @@ impl NodeEntry {
             ids.extend(own.iter());
         }
         ids.sort();
-        ids.into_iter().filter_map(|id| self.checks.get(id)).collect()
+        ids.into_iter()
+            .filter_map(|id| self.checks.get(id))
+            .collect()
     }
 
     fn service_keys(&self) -> Vec<Key> {
@@ -325,7 +327,10 @@ pub(crate) struct State {
     pub(crate) leaves: HashMap<String, LeafEntry>,
 }
 
-fn default_tagged_for_agent(reg: &ServiceRegistration, tagged: &mut BTreeMap<String, ServiceAddress>) {
+fn default_tagged_for_agent(
+    reg: &ServiceRegistration,
+    tagged: &mut BTreeMap<String, ServiceAddress>,
+) {
     // The agent adds lan/wan tagged addresses of the address family of a literal IP address.
     let Ok(ip) = reg.address.parse::<IpAddr>() else {
         return;
@@ -336,10 +341,12 @@ fn default_tagged_for_agent(reg: &ServiceRegistration, tagged: &mut BTreeMap<Str
         ("lan_ipv6", "wan_ipv6")
     };
     for tag in [lan, wan] {
-        tagged.entry(tag.to_owned()).or_insert_with(|| ServiceAddress {
-            address: reg.address.clone(),
-            port: reg.port,
-        });
+        tagged
+            .entry(tag.to_owned())
+            .or_insert_with(|| ServiceAddress {
+                address: reg.address.clone(),
+                port: reg.port,
+            });
     }
 }
 
@@ -661,11 +668,13 @@ impl State {
         let kind_changed = existing.as_ref().is_none_or(|e| e.kind != rec.kind);
         if kind_changed {
             match &rec.kind {
-                CheckKind::Tcp { .. } | CheckKind::Http { .. } => txn.runners.push(RunnerOp::Start {
-                    node: node.to_owned(),
-                    check_id: id.clone(),
-                    kind: rec.kind.clone(),
-                }),
+                CheckKind::Tcp { .. } | CheckKind::Http { .. } => {
+                    txn.runners.push(RunnerOp::Start {
+                        node: node.to_owned(),
+                        check_id: id.clone(),
+                        kind: rec.kind.clone(),
+                    })
+                }
                 _ => {
                     if existing.is_some() {
                         txn.runners.push(RunnerOp::Stop {
@@ -839,7 +848,11 @@ impl State {
             service_id: service_id.to_owned(),
         };
         let entry = self.nodes.get_mut(node).ok_or_else(unknown)?;
-        let svc = entry.services.get(service_id).cloned().ok_or_else(unknown)?;
+        let svc = entry
+            .services
+            .get(service_id)
+            .cloned()
+            .ok_or_else(unknown)?;
         let check_ids: Vec<String> = entry
             .service_checks
             .get(service_id)
@@ -1147,7 +1160,10 @@ impl Store {
     pub(crate) fn new(boot: &Bootstrap) -> Result<Arc<Self>, CatalogError> {
         let state = State::new(boot)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
-            CatalogError::invalid("dev catalog", format!("must start inside a tokio runtime: {e}"))
+            CatalogError::invalid(
+                "dev catalog",
+                format!("must start inside a tokio runtime: {e}"),
+            )
         })?;
         let store = Arc::new_cyclic(|weak| Store {
             state: RwLock::new(state),
@@ -1334,7 +1350,10 @@ impl Store {
                 slot.index = slot.index.min(to);
             }
         }
-        *self.services_cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self
+            .services_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         self.abandon.send_modify(|g| *g += 1);
     }
 
