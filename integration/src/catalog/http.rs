@@ -168,10 +168,10 @@ struct ReadMeta {
 
 impl Shared {
     fn token<'a>(&self, headers: &'a HeaderMap, params: &'a Params) -> Option<&'a str> {
-        if let Some(t) = headers.get("X-Consul-Token").and_then(|v| v.to_str().ok()) {
-            if !t.is_empty() {
-                return Some(t);
-            }
+        if let Some(t) = headers.get("X-Consul-Token").and_then(|v| v.to_str().ok())
+            && !t.is_empty()
+        {
+            return Some(t);
         }
         if let Some(auth) = headers.get("Authorization").and_then(|v| v.to_str().ok()) {
             let auth = auth.trim();
@@ -310,12 +310,12 @@ async fn catalog_services(State(sh): State<AppState>, headers: HeaderMap, uri: U
                 .services_cache
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if cacheable {
-                if let Some((i, g, _, body)) = cache.as_ref() {
-                    if *i == index && *g == generation {
-                        return (index, (body.clone(), false));
-                    }
-                }
+            if cacheable
+                && let Some((i, g, _, body)) = cache.as_ref()
+                && *i == index
+                && *g == generation
+            {
+                return (index, (body.clone(), false));
             }
             let mut filtered = false;
             let mut out: BTreeMap<&str, Vec<&str>> = BTreeMap::new();

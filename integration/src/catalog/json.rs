@@ -874,10 +874,10 @@ pub(crate) fn decode_service(v: &Value, agent: bool) -> Result<ServiceRegistrati
         }
     }
     if agent {
-        if let Some(c) = o.get("Check") {
-            if c.as_object().is_some_and(|m| !m.is_empty()) {
-                reg.checks.push(decode_agent_check(c)?);
-            }
+        if let Some(c) = o.get("Check")
+            && c.as_object().is_some_and(|m| !m.is_empty())
+        {
+            reg.checks.push(decode_agent_check(c)?);
         }
         if let Some(cs) = o.get("Checks") {
             let Value::Array(items) = cs else {

@@ -464,13 +464,13 @@ impl State {
         if reg.name.is_empty() {
             return Err(CatalogError::invalid("service", "Missing service name"));
         }
-        if let Some(w) = reg.weights {
-            if w.passing < 1 {
-                return Err(CatalogError::invalid(
-                    format!("service {:?}", reg.name),
-                    "Invalid Weights: Passing must be greater than 0",
-                ));
-            }
+        if let Some(w) = reg.weights
+            && w.passing < 1
+        {
+            return Err(CatalogError::invalid(
+                format!("service {:?}", reg.name),
+                "Invalid Weights: Passing must be greater than 0",
+            ));
         }
         if reg.kind == "connect-proxy"
             && reg
@@ -528,15 +528,15 @@ impl State {
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default();
         for cid in check_ids {
-            if let Some(c) = entry.checks.get(&cid) {
-                if c.service_name != rec.name || c.service_tags != rec.tags {
-                    let mut c = (**c).clone();
-                    c.service_name = rec.name.clone();
-                    c.service_tags = rec.tags.clone();
-                    c.modify_index = txn.index;
-                    entry.checks.insert(cid, Arc::new(c));
-                    txn.touch(Key::Checks);
-                }
+            if let Some(c) = entry.checks.get(&cid)
+                && (c.service_name != rec.name || c.service_tags != rec.tags)
+            {
+                let mut c = (**c).clone();
+                c.service_name = rec.name.clone();
+                c.service_tags = rec.tags.clone();
+                c.modify_index = txn.index;
+                entry.checks.insert(cid, Arc::new(c));
+                txn.touch(Key::Checks);
             }
         }
         let name = rec.name.clone();
@@ -545,10 +545,10 @@ impl State {
         if let Some(old) = old_name.filter(|o| *o != name) {
             self.unlink_name(txn, &old, &inst);
         }
-        if old_target != new_target {
-            if let Some(t) = &old_target {
-                self.unlink_connect(txn, t, &inst);
-            }
+        if old_target != new_target
+            && let Some(t) = &old_target
+        {
+            self.unlink_connect(txn, t, &inst);
         }
         self.by_name
             .entry(name.clone())
@@ -1058,10 +1058,11 @@ impl State {
         now: Instant,
     ) -> Result<(Arc<LeafCertificate>, Instant), CatalogError> {
         let active = self.ca.active().id.clone();
-        if let Some(e) = self.leaves.get(service) {
-            if e.leaf.root_id == active && now < e.renew_at {
-                return Ok((e.leaf.clone(), e.renew_at));
-            }
+        if let Some(e) = self.leaves.get(service)
+            && e.leaf.root_id == active
+            && now < e.renew_at
+        {
+            return Ok((e.leaf.clone(), e.renew_at));
         }
         let leaf = Arc::new(self.ca.sign_leaf(service, ttl, txn.index)?);
         txn.force = true;
