@@ -50,7 +50,9 @@ fn index_of(r: &reqwest::Response) -> Result<u64> {
 async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().collect();
-    let addr = args.get(1).context("usage: dev_catalog_load ADDR PID [WATCHERS] [CHANGES]")?;
+    let addr = args
+        .get(1)
+        .context("usage: dev_catalog_load ADDR PID [WATCHERS] [CHANGES]")?;
     let pid: u32 = args.get(2).context("server pid")?.parse()?;
     let watchers: usize = args.get(3).map_or(Ok(5000), |s| s.parse())?;
     let changes: usize = args.get(4).map_or(Ok(100), |s| s.parse())?;
@@ -67,10 +69,16 @@ async fn main() -> Result<()> {
         .json()
         .await?;
     let count = services.as_object().map_or(0, |m| m.len());
-    ensure!(count > 0, "the catalog lists no service: start it with --fleet-services");
+    ensure!(
+        count > 0,
+        "the catalog lists no service: start it with --fleet-services"
+    );
     let names: Vec<String> = (0..count).map(|i| format!("svc-{i:05}")).collect();
     let u0 = usage(pid)?;
-    println!("services: {count}; server RSS {} MiB before watchers", u0.rss_kib / 1024);
+    println!(
+        "services: {count}; server RSS {} MiB before watchers",
+        u0.rss_kib / 1024
+    );
 
     let wakeups = Arc::new(AtomicU64::new(0));
     let requests = Arc::new(AtomicU64::new(0));
@@ -127,7 +135,12 @@ async fn main() -> Result<()> {
     let t = Instant::now();
     for c in 0..changes {
         let s = c % names.len();
-        let status = if c % 2 == 0 { "critical" } else { "passing" };
+        // Alternate per round so every change really changes the check.
+        let status = if (c / names.len()) % 2 == 0 {
+            "critical"
+        } else {
+            "passing"
+        };
         let r = http
             .put(format!("{base}/v1/catalog/register"))
             .json(&json!({"Node": "svc-node-0", "SkipNodeUpdate": true,
@@ -140,7 +153,11 @@ async fn main() -> Result<()> {
         ensure!(r.status() == 200, "change {c}: {}", r.status());
     }
     let expected = (0..changes)
-        .map(|c| (0..watchers).filter(|w| w % names.len() == c % names.len()).count() as u64)
+        .map(|c| {
+            (0..watchers)
+                .filter(|w| w % names.len() == c % names.len())
+                .count() as u64
+        })
         .sum::<u64>();
     let deadline = Instant::now() + Duration::from_secs(60);
     while wakeups.load(Ordering::Relaxed) - before < expected && Instant::now() < deadline {
