@@ -136,7 +136,7 @@ async fn main() -> Result<()> {
     for c in 0..changes {
         let s = c % names.len();
         // Alternate per round so every change really changes the check.
-        let status = if (c / names.len()) % 2 == 0 {
+        let status = if (c / names.len()).is_multiple_of(2) {
             "critical"
         } else {
             "passing"
