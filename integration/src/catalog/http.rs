@@ -199,14 +199,16 @@ impl Shared {
         headers: &HeaderMap,
         params: &Params,
     ) -> Result<(ReadOptions, Authorizer), ApiError> {
-        self.check_dc(params.get("dc"))?;
-        let authz = self.authorize(headers, params)?;
+        // Consul parses the query options first; datacenter routing and the token are
+        // resolved afterwards.
+        let opts = parse_read_options(params)?;
         if params.get("filter").is_some_and(|f| !f.is_empty()) {
             return Err(ApiError::bad(
                 "Failed to create boolean expression evaluator: filter expressions (?filter=) are not supported by the tagway dev catalog",
             ));
         }
-        let opts = parse_read_options(params)?;
+        self.check_dc(params.get("dc"))?;
+        let authz = self.authorize(headers, params)?;
         Ok((opts, authz))
     }
 
@@ -251,7 +253,12 @@ impl Shared {
     }
 
     fn simple_json<T: Serialize + ?Sized>(&self, value: &T, params: &Params) -> Response {
-        let mut r = Response::new(Body::from(to_body(value, params.has("pretty"))));
+        self.json_bytes(to_body(value, params.has("pretty")))
+    }
+
+    /// A JSON answer for an endpoint without blocking support.
+    fn json_bytes(&self, body: Bytes) -> Response {
+        let mut r = Response::new(Body::from(body));
         r.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         self.leader_headers(r.headers_mut());
@@ -806,9 +813,7 @@ async fn agent_services(State(sh): State<AppState>, headers: HeaderMap, uri: Uri
         }
         to_body(&out, p.has("pretty"))
     });
-    let mut r = sh.simple_json(&serde_json::Value::Null, &p);
-    *r.body_mut() = Body::from(body);
-    Ok(r)
+    Ok(sh.json_bytes(body))
 }
 
 async fn agent_service(
@@ -835,8 +840,7 @@ async fn agent_service(
         return Err(ApiError::not_found(format!("unknown service ID: {id}")));
     };
     authz.require(Perm::ServiceRead(&name))?;
-    let mut r = sh.simple_json(&serde_json::Value::Null, &p);
-    *r.body_mut() = Body::from(body);
+    let mut r = sh.json_bytes(body);
     set(r.headers_mut(), "X-Consul-ContentHash", &hash);
     Ok(r)
 }
@@ -857,9 +861,7 @@ async fn agent_checks(State(sh): State<AppState>, headers: HeaderMap, uri: Uri) 
             .collect();
         to_body(&out, p.has("pretty"))
     });
-    let mut r = sh.simple_json(&serde_json::Value::Null, &p);
-    *r.body_mut() = Body::from(body);
-    Ok(r)
+    Ok(sh.json_bytes(body))
 }
 
 fn aggregate(checks: &[&std::sync::Arc<CheckRec>]) -> &'static str {
@@ -943,8 +945,7 @@ async fn agent_health_common(
     if text_format {
         return Ok(text(code, status_text));
     }
-    let mut r = sh.simple_json(&serde_json::Value::Null, &p);
-    *r.body_mut() = Body::from(body);
+    let mut r = sh.json_bytes(body);
     *r.status_mut() = code;
     Ok(r)
 }
