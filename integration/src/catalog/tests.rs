@@ -1121,6 +1121,19 @@ async fn acls_answer_403_as_consul() {
         (a.status, a.text().as_str()),
         (StatusCode::FORBIDDEN, "ACL not found")
     );
+    // Query options are checked before the token, as in Consul.
+    let a = send(
+        &r,
+        "GET",
+        "/v1/catalog/services?index=abc",
+        None,
+        Some("wrong"),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.text().as_str()),
+        (StatusCode::BAD_REQUEST, "Invalid index")
+    );
     let a = get(&r, "/v1/health/service/web").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert!(a.text().starts_with("Permission denied"), "{}", a.text());
