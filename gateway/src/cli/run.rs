@@ -85,6 +85,8 @@ pub fn combine(
     }
     let obs_current = obs.clone();
     let current = move |sources: &[(String, watch::Receiver<Arc<Dynamic>>)]| {
+        // Taken before reading the outputs: what this merge is sure to include.
+        let mark = obs_current.as_ref().map(Observability::mark);
         let snapshot: Vec<(String, Arc<Dynamic>)> = sources
             .iter()
             .map(|(n, rx)| (n.clone(), rx.borrow().clone()))
@@ -97,11 +99,11 @@ pub fn combine(
         if let Some(o) = &obs_current {
             o.validated(&v.errors);
         }
-        Arc::new(v.config)
+        (Arc::new(v.config), mark)
     };
-    let first = current(&sources);
-    if let Some(o) = &obs {
-        o.publish(&first);
+    let (first, mark) = current(&sources);
+    if let (Some(o), Some(mark)) = (&obs, mark) {
+        o.publish_marked(&first, mark);
     }
     let (tx, rx) = watch::channel(first);
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
@@ -126,15 +128,16 @@ pub fn combine(
                 c = changed_rx.recv() => if c.is_none() { return },
                 () = tx.closed() => return,
             }
-            let next = current(&sources);
+            let (next, mark) = current(&sources);
             if **tx.borrow() != *next {
-                if let Some(o) = &obs {
-                    o.publish(&next);
+                if let (Some(o), Some(mark)) = (&obs, mark) {
+                    o.publish_marked(&next, mark);
                 }
                 tx.send_replace(next);
-            } else if let Some(o) = &obs {
+            } else if let (Some(o), Some(mark)) = (&obs, mark) {
                 // Same configuration: the one in use now also holds this update.
-                o.publish(&tx.borrow());
+                let in_use = tx.borrow().clone();
+                o.publish_marked(&in_use, mark);
             }
         }
     });

@@ -116,6 +116,14 @@ pub struct ErrorEntry {
     pub stage: &'static str,
 }
 
+/// What a merge includes: whether every expected provider had delivered, and the provider
+/// changes not yet published. Taken by [`Observability::mark`] before reading the providers.
+#[derive(Debug)]
+pub struct MergeMark {
+    complete: bool,
+    changes: Vec<(String, Instant)>,
+}
+
 #[derive(Debug)]
 struct Published {
     cfg: Weak<Dynamic>,
@@ -277,21 +285,36 @@ impl Observability {
         self.update_error_gauges();
     }
 
-    /// Call right before sending `cfg` (merged and validated) to the data plane: readiness and
-    /// the change-to-applied latency follow it.
-    ///
-    /// Publishing the configuration already in use again (a provider update that changed nothing
-    /// after merging) counts its changes as applied now, and marks readiness when it completes
-    /// the set of expected providers.
-    pub fn publish(&self, cfg: &Arc<Dynamic>) {
+    /// What the next merge includes, taken right before reading the providers' outputs (see
+    /// [`Observability::publish_marked`]).
+    pub fn mark(&self) -> MergeMark {
         let mut st = self.state();
         let complete = st
             .expected
             .iter()
             .all(|p| st.providers.get(p).is_some_and(|s| s.reloads > 0));
-        let changes: Vec<(String, Instant)> = std::mem::take(&mut st.pending_changes)
+        let changes = std::mem::take(&mut st.pending_changes)
             .into_iter()
             .collect();
+        MergeMark { complete, changes }
+    }
+
+    /// [`Observability::publish_marked`] with a mark taken now: right when the providers'
+    /// outputs are read and merged in the same step.
+    pub fn publish(&self, cfg: &Arc<Dynamic>) {
+        self.publish_marked(cfg, self.mark());
+    }
+
+    /// Call right before sending `cfg` (merged and validated) to the data plane, with the mark
+    /// taken before the providers' outputs were read: readiness and the change-to-applied latency
+    /// follow it.
+    ///
+    /// Publishing the configuration already in use again (a provider update that changed nothing
+    /// after merging) counts its changes as applied now, and marks readiness when it completes
+    /// the set of expected providers.
+    pub fn publish_marked(&self, cfg: &Arc<Dynamic>, mark: MergeMark) {
+        let MergeMark { complete, changes } = mark;
+        let mut st = self.state();
         if let Some(p) = st
             .published
             .iter_mut()
