@@ -5,11 +5,11 @@
 //! configuration metrics; the access log has one line per connection.
 //!
 //! The binary is `target/<profile>/tagway` next to this test (`scripts/test` builds it first), or
-//! `$TAGWAY_BIN`.
+//! `$TAGWAY_BIN` ([`tagway_integration::e2e::tagway_bin`]).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -17,24 +17,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("TAGWAY_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let bin = dir.join(format!("tagway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (cargo build -p tagway --bins) or set TAGWAY_BIN",
-        bin.display()
-    );
-    bin
-}
 
 /// The running binary; killed (by its PID) when dropped.
 struct Tagway {
@@ -52,14 +34,15 @@ impl Drop for Tagway {
 
 impl Tagway {
     fn start(config: &Path) -> Tagway {
-        let mut child = Command::new(binary())
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env("TOKIO_WORKER_THREADS", "2")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tagway starts");
+        let mut child =
+            Command::new(tagway_integration::e2e::tagway_bin().expect("the tagway binary"))
+                .args(["run", "--config", config.to_str().unwrap()])
+                .env("RUST_LOG", "info")
+                .env("TOKIO_WORKER_THREADS", "2")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("tagway starts");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
