@@ -531,4 +531,47 @@ format = "json"
     assert!(reloaded, "the file change was not applied within 10 s");
     let routers = get(admin, "/api/tcp/routers/extra@file").await;
     assert_eq!(routers.0, 200, "{}", routers.1);
+
+    // A broken edit is a failed reload, in force until the file loads again.
+    std::fs::write(&dynamic, "[tcp.routers.broken\n").unwrap();
+    let mut failed = false;
+    for _ in 0..1000 {
+        let m = Scrape::fetch(admin).await;
+        if m.value(
+            "tagway_config_reload_failures_total",
+            &[("provider", "file")],
+        ) == Some(1.0)
+        {
+            assert_eq!(m.get("tagway_config_errors", &[("provider", "file")]), 1.0);
+            assert_eq!(
+                m.get("tagway_config_reloads_total", &[("provider", "file")]),
+                2.0
+            );
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(failed, "the broken edit was not counted within 10 s");
+    let (_, errors) = get(admin, "/api/errors").await;
+    let errors: Value = serde_json::from_str(&errors).unwrap();
+    assert_eq!(errors[0]["stage"], "provider", "{errors}");
+    assert_eq!(errors[0]["provider"], "file");
+    assert_eq!(
+        get(admin, "/ready").await.0,
+        200,
+        "still ready: the last good configuration runs"
+    );
+    // Restoring the previous content (no configuration change) clears the error.
+    std::fs::write(&dynamic, dynamic_toml(e1, e2, dead, true)).unwrap();
+    let mut cleared = false;
+    for _ in 0..1000 {
+        let (_, body) = get(admin, "/api/errors").await;
+        if body == "[]" {
+            cleared = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cleared, "the provider error was not cleared within 10 s");
 }

@@ -149,16 +149,34 @@ pub fn combine(
 pub fn providers(st: Arc<StaticConfig>, obs: Option<Observability>) -> Providers {
     let mut sources = Vec::new();
     let mut handle = None;
+    let mut file_failures = None;
     if let Some(f) = &st.providers.file {
         if let Some(o) = &obs {
             o.expect_provider(file::PROVIDER);
         }
         let (rx, h) = file::start(f.clone());
+        file_failures = Some(h.failures());
         sources.push((file::PROVIDER.to_owned(), rx));
         handle = Some(h);
     }
+    let config = combine(st, sources, obs.clone());
+    if let (Some(o), Some(mut failures)) = (obs, file_failures) {
+        // Failed loads of the files count as failed reloads and show in /api/errors until a
+        // load succeeds.
+        if let Some(e) = failures.borrow_and_update().clone() {
+            o.provider_failed(file::PROVIDER, &e);
+        }
+        tokio::spawn(async move {
+            while failures.changed().await.is_ok() {
+                match failures.borrow_and_update().clone() {
+                    Some(e) => o.provider_failed(file::PROVIDER, &e),
+                    None => o.provider_recovered(file::PROVIDER),
+                }
+            }
+        });
+    }
     Providers {
-        config: combine(st, sources, obs),
+        config,
         file: handle,
     }
 }

@@ -279,6 +279,15 @@ impl Observability {
         self.update_error_gauges();
     }
 
+    /// A provider load succeeded without changing its configuration: its last failure is no
+    /// longer in force.
+    pub fn provider_recovered(&self, provider: &str) {
+        if let Some(p) = self.state().providers.get_mut(provider) {
+            p.last_error = None;
+        }
+        self.update_error_gauges();
+    }
+
     /// The errors of the latest merge and validation (they replace the previous ones).
     pub fn validated(&self, errors: &[ResourceError]) {
         self.state().validation_errors = errors.to_vec();
