@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tagway_config::{Dynamic, StaticConfig};
+use tagway_transport::IdentitySource;
 use tokio::sync::watch;
 
 use crate::conn::{EntryPointState, Options};
@@ -80,6 +81,7 @@ pub struct Gateway {
     counters: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: (watch::Sender<u64>, watch::Receiver<u64>),
     obs: Option<Observability>,
+    identity: Option<IdentitySource>,
 }
 
 impl Gateway {
@@ -98,7 +100,16 @@ impl Gateway {
             counters: Arc::new(counters),
             generation: watch::channel(0),
             obs: None,
+            identity: None,
         }
+    }
+
+    /// The gateway's own SPIFFE identity (SVID and trust bundle), presented by transports with a
+    /// `spiffe` section: from `providers.spiffe` (Workload API or PEM files) or pushed by the Consul
+    /// provider (Connect leaf and roots). Rotations apply to new dials without a recompile.
+    pub fn with_identity(mut self, identity: IdentitySource) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     /// Reports every applied configuration to `obs` and gives connections its access log.
@@ -155,7 +166,13 @@ impl Gateway {
         let static_cfg = Arc::new(self.static_cfg.clone());
         // First configuration, then a task applying every change.
         let first = config_rx.borrow_and_update().clone();
-        apply(&static_cfg, &self.tables, &first, self.obs.as_ref());
+        apply(
+            &static_cfg,
+            &self.tables,
+            &first,
+            self.obs.as_ref(),
+            self.identity.as_ref(),
+        );
         drop(first);
         let gen_tx = self.generation.0.clone();
         gen_tx.send_modify(|g| *g += 1);
@@ -163,10 +180,11 @@ impl Gateway {
             let static_cfg = static_cfg.clone();
             let tables = self.tables.clone();
             let obs = self.obs.clone();
+            let identity = self.identity.clone();
             tokio::spawn(async move {
                 while config_rx.changed().await.is_ok() {
                     let cfg = config_rx.borrow_and_update().clone();
-                    apply(&static_cfg, &tables, &cfg, obs.as_ref());
+                    apply(&static_cfg, &tables, &cfg, obs.as_ref(), identity.as_ref());
                     gen_tx.send_modify(|g| *g += 1);
                 }
             })
@@ -324,9 +342,10 @@ fn apply(
     tables: &ArcSwap<Tables>,
     cfg: &Arc<Dynamic>,
     obs: Option<&Observability>,
+    identity: Option<&IdentitySource>,
 ) {
     let prev = tables.load_full();
-    let (new, errors) = runtime::compile(cfg, static_cfg, Some(&prev));
+    let (new, errors) = runtime::compile(cfg, static_cfg, Some(&prev), identity);
     for e in &errors {
         tracing::error!(error = %e, "configuration resource skipped");
     }

@@ -215,6 +215,16 @@ pub fn main(path: &Path) -> ExitCode {
         obs.metrics().install_global();
         let providers = providers(st.clone(), Some(obs.clone()));
         let mut gateway = crate::server::Gateway::new((*st).clone()).with_observability(obs.clone());
+        // The gateway's own SPIFFE identity, for transports with a `spiffe` section.
+        if let Some(spiffe) = &st.providers.spiffe {
+            match tagway_transport::IdentitySource::from_config(spiffe).await {
+                Ok(identity) => gateway = gateway.with_identity(identity),
+                Err(e) => {
+                    tracing::error!("providers.spiffe: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         if let Err(e) = gateway.bind() {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
