@@ -1,1 +1,11 @@
 //! The Consul catalog provider.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod client;
+pub mod token;
+
+#[cfg(test)]
+mod test_stub;
+#[cfg(test)]
+mod test_pki;
