@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod client;
+pub mod constraints;
 pub mod token;
 
 #[cfg(test)]
