@@ -888,7 +888,7 @@ mod tests {
 
     #[tokio::test]
     async fn sends_query_parameters_token_and_auth() {
-        let stub = Stub::start(|req| {
+        let stub = Stub::start(|_| {
             Reply::json(200, r#"{"web":["a"]}"#).with_header("X-Consul-Index", "42")
         })
         .await;

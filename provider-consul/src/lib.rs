@@ -4,6 +4,7 @@
 pub mod api;
 pub mod client;
 pub mod constraints;
+pub mod convert;
 pub mod token;
 
 #[cfg(test)]
