@@ -5,6 +5,7 @@ pub mod api;
 pub mod client;
 pub mod constraints;
 pub mod convert;
+pub mod watch;
 pub mod token;
 
 #[cfg(test)]
