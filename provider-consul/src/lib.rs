@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod client;
+pub mod connect;
 pub mod constraints;
 pub mod convert;
 pub mod watch;
