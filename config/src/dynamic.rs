@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
+use crate::meta::Meta;
 use crate::tls::{ClientCertificate, FileOrContent};
 
 /// A whole dynamic configuration: one provider's output, or the merge of all providers.
@@ -21,6 +22,10 @@ pub struct Dynamic {
     /// TLS certificates and options for TLS termination.
     #[serde(skip_serializing_if = "TlsSection::is_empty")]
     pub tls: TlsSection,
+    /// Where each key was read (file:line or tag) and the readers' warnings. Not serialized;
+    /// ignored by `==`.
+    #[serde(skip)]
+    pub meta: Meta,
 }
 
 /// The `tcp` section.
@@ -69,7 +74,10 @@ pub struct Router {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub middlewares: Vec<String>,
     /// TLS: present = the router matches TLS connections (passthrough or termination).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub tls: Option<RouterTls>,
 }
 
@@ -106,10 +114,16 @@ pub struct Domain {
 #[serde(rename_all = "camelCase", default)]
 pub struct Service {
     /// Balances connections over servers.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub load_balancer: Option<LoadBalancer>,
     /// Balances connections over other services by weight.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub weighted: Option<Weighted>,
 }
 
@@ -122,16 +136,25 @@ pub struct LoadBalancer {
     pub servers: Vec<Server>,
     /// Tags only: `…loadBalancer.server.port` / `.weight` / `.tls`, a template the Consul provider applies
     /// to every instance of the service. Not valid in files.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub server: Option<ServerTemplate>,
     /// The servers transport (`name`, `name@provider`); default `default@internal`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub servers_transport: Option<String>,
     /// Active TCP health check.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub health_check: Option<HealthCheck>,
     /// Deprecated (Traefik v2): PROXY protocol toward the servers; prefer the transport's.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub proxy_protocol: Option<ProxyProtocol>,
     /// Deprecated (Traefik v2): termination delay in **milliseconds** (integer); prefer the transport's.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -271,13 +294,22 @@ pub struct ServersTransport {
     /// Deadline for the other side to close after one side half-closed; negative = none. Default 100ms.
     pub termination_delay: Duration,
     /// PROXY protocol toward the servers; an empty section = version 2.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub proxy_protocol: Option<ProxyProtocol>,
     /// TLS toward the servers; an empty section enables TLS.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub tls: Option<TransportTls>,
     /// SPIFFE identity checks; an empty section accepts any SPIFFE ID.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub spiffe: Option<Spiffe>,
 }
 
@@ -346,10 +378,17 @@ pub struct Spiffe {
 #[serde(rename_all = "camelCase", default)]
 pub struct Middleware {
     /// Allow only clients from these ranges (also read from Traefik's older `ipWhiteList`).
-    #[serde(alias = "ipWhiteList", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        alias = "ipWhiteList",
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub ip_allow_list: Option<IpAllowList>,
     /// Limit simultaneous connections per client IP.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub in_flight_conn: Option<InFlightConn>,
 }
 
@@ -421,7 +460,10 @@ pub struct TlsOptions {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub sni_strict: bool,
     /// Client certificate authentication.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub client_auth: Option<ClientAuth>,
 }
 

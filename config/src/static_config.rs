@@ -19,12 +19,18 @@ pub struct StaticConfig {
     /// Configuration providers.
     pub providers: Providers,
     /// The admin listener (metrics, API, ping); disabled when absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub admin: Option<Admin>,
     /// Logging.
     pub log: Log,
     /// Access log (one line per TCP connection); off when absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub access_log: Option<AccessLog>,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
@@ -37,7 +43,10 @@ pub struct EntryPoint {
     /// `127.0.0.1:5432`, `[::1]:5432` or `:5432` (every address).
     pub address: String,
     /// Inbound PROXY protocol, accepted only from trusted addresses.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub proxy_protocol: Option<InboundProxyProtocol>,
     /// Maximum simultaneous connections on this entry point; unlimited when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -61,13 +70,22 @@ pub struct InboundProxyProtocol {
 #[serde(rename_all = "camelCase", default)]
 pub struct Providers {
     /// The file provider.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub file: Option<FileProvider>,
     /// The Consul catalog provider.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub consul_catalog: Option<ConsulCatalog>,
     /// Where the gateway's own SPIFFE identity (SVID and bundle) comes from.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub spiffe: Option<SpiffeSource>,
 }
 
@@ -176,10 +194,16 @@ pub struct ConsulEndpoint {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
     /// TLS toward Consul.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub tls: Option<ConsulTls>,
     /// HTTP basic authentication.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::de::section"
+    )]
     pub http_auth: Option<HttpAuth>,
     /// `wait` of blocking queries; default Consul's (5m).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,893 @@
+//! Merging provider outputs (`name@provider`) and validating the result.
+//!
+//! A broken resource disables itself and what references it, nothing else: the validated
+//! configuration keeps every valid resource, and each error names the provider, the resource, the
+//! key and where it was written (file:line or tag).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::checks::{check_address, check_transport, missing_file, parse_ip_or_cidr};
+use crate::dynamic::{Dynamic, Router, Service};
+use crate::origin::Origin;
+use crate::static_config::StaticConfig;
+
+/// The name of the transport built from the static `tcpServersTransport`.
+pub const DEFAULT_TRANSPORT: &str = "default@internal";
+
+/// The provider of a qualified name (`db@file` → `file`), if qualified.
+pub fn provider_of(name: &str) -> Option<&str> {
+    name.rsplit_once('@').map(|(_, p)| p)
+}
+
+/// Qualifies `name` with `provider` unless it already names one.
+pub fn qualify(name: &str, provider: &str) -> String {
+    if name.contains('@') {
+        name.to_owned()
+    } else {
+        format!("{name}@{provider}")
+    }
+}
+
+/// Merges the outputs of several providers: every resource name becomes `name@provider`;
+/// unqualified references inside a provider's resources are qualified with that provider;
+/// qualified ones (`x@file`, `default@internal`) are kept. TLS certificates are concatenated;
+/// TLS options other than `default` are qualified like resources.
+pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
+    let mut out = Dynamic::default();
+    for (provider, d) in parts {
+        let q = |n: &str| format!("{n}@{provider}");
+        let mut meta = d.meta.clone();
+        for (name, r) in &d.tcp.routers {
+            let mut r = r.clone();
+            if !r.service.is_empty() {
+                r.service = qualify(&r.service, provider);
+            }
+            r.middlewares = r.middlewares.iter().map(|m| qualify(m, provider)).collect();
+            if let Some(tls) = &mut r.tls
+                && let Some(o) = &mut tls.options
+                && o != "default"
+            {
+                *o = qualify(o, provider);
+            }
+            meta.rename_prefix(
+                &format!("tcp.routers.{name}"),
+                &format!("tcp.routers.{}", q(name)),
+            );
+            out.tcp.routers.insert(q(name), r);
+        }
+        for (name, s) in &d.tcp.services {
+            let mut s = s.clone();
+            if let Some(lb) = &mut s.load_balancer
+                && let Some(t) = &mut lb.servers_transport
+            {
+                *t = qualify(t, provider);
+            }
+            if let Some(w) = &mut s.weighted {
+                for ws in &mut w.services {
+                    if !ws.name.is_empty() {
+                        ws.name = qualify(&ws.name, provider);
+                    }
+                }
+            }
+            meta.rename_prefix(
+                &format!("tcp.services.{name}"),
+                &format!("tcp.services.{}", q(name)),
+            );
+            out.tcp.services.insert(q(name), s);
+        }
+        for (name, m) in &d.tcp.middlewares {
+            meta.rename_prefix(
+                &format!("tcp.middlewares.{name}"),
+                &format!("tcp.middlewares.{}", q(name)),
+            );
+            out.tcp.middlewares.insert(q(name), m.clone());
+        }
+        for (name, t) in &d.tcp.servers_transports {
+            meta.rename_prefix(
+                &format!("tcp.serversTransports.{name}"),
+                &format!("tcp.serversTransports.{}", q(name)),
+            );
+            out.tcp.servers_transports.insert(q(name), t.clone());
+        }
+        let offset = out.tls.certificates.len();
+        for i in 0..d.tls.certificates.len() {
+            meta.rename_prefix(
+                &format!("tls.certificates[{i}]"),
+                &format!("tls.certificates[{}]", offset + i),
+            );
+        }
+        out.tls
+            .certificates
+            .extend(d.tls.certificates.iter().cloned());
+        for (name, o) in &d.tls.options {
+            let n = if name == "default" {
+                name.clone()
+            } else {
+                q(name)
+            };
+            meta.rename_prefix(&format!("tls.options.{name}"), &format!("tls.options.{n}"));
+            out.tls.options.insert(n, o.clone());
+        }
+        for (name, s) in &d.tls.stores {
+            out.tls
+                .stores
+                .entry(name.clone())
+                .or_insert_with(|| s.clone());
+        }
+        out.meta.extend(meta);
+    }
+    out
+}
+
+/// The kind of a resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum ResourceKind {
+    /// `tcp.routers`.
+    Router,
+    /// `tcp.services`.
+    Service,
+    /// `tcp.middlewares`.
+    Middleware,
+    /// `tcp.serversTransports`.
+    ServersTransport,
+    /// `tls.certificates`.
+    TlsCertificate,
+    /// `tls.options`.
+    TlsOptions,
+}
+
+impl ResourceKind {
+    /// `router`, `service`, `middleware`, `serversTransport`, `tls certificate`, `tls options`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Router => "router",
+            ResourceKind::Service => "service",
+            ResourceKind::Middleware => "middleware",
+            ResourceKind::ServersTransport => "serversTransport",
+            ResourceKind::TlsCertificate => "tls certificate",
+            ResourceKind::TlsOptions => "tls options",
+        }
+    }
+
+    fn section(self) -> &'static str {
+        match self {
+            ResourceKind::Router => "tcp.routers",
+            ResourceKind::Service => "tcp.services",
+            ResourceKind::Middleware => "tcp.middlewares",
+            ResourceKind::ServersTransport => "tcp.serversTransports",
+            ResourceKind::TlsCertificate => "tls.certificates",
+            ResourceKind::TlsOptions => "tls.options",
+        }
+    }
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A problem with one resource; the resource (and what references it) is disabled.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ResourceError {
+    /// The provider that declared the resource (`file`, `consulcatalog`).
+    pub provider: String,
+    /// The kind of resource.
+    pub kind: ResourceKind,
+    /// Its qualified name (`db@file`), or the index of a TLS certificate.
+    pub name: String,
+    /// The key concerned, relative to the resource (`tls.certificates`, `service`).
+    pub key: Option<String>,
+    /// Where the key (or the resource) was written.
+    pub origin: Option<Origin>,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ResourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(o) = &self.origin {
+            write!(f, "{o}: ")?;
+        }
+        write!(
+            f,
+            "{} `{}` (provider {})",
+            self.kind, self.name, self.provider
+        )?;
+        if let Some(k) = &self.key {
+            write!(f, ", key `{k}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// A validated configuration and the errors found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Validated {
+    /// The configuration without the broken resources and those referencing them.
+    pub config: Dynamic,
+    /// One entry per problem.
+    pub errors: Vec<ResourceError>,
+}
+
+struct V<'a> {
+    d: &'a Dynamic,
+    errors: Vec<ResourceError>,
+    broken: BTreeSet<(ResourceKind, String)>,
+}
+
+impl V<'_> {
+    fn error(&mut self, kind: ResourceKind, name: &str, key: Option<&str>, message: String) {
+        let path = match key {
+            Some(k) => format!("{}.{name}.{k}", kind.section()),
+            None => format!("{}.{name}", kind.section()),
+        };
+        let path = if kind == ResourceKind::TlsCertificate {
+            match key {
+                Some(k) => format!("tls.certificates[{name}].{k}"),
+                None => format!("tls.certificates[{name}]"),
+            }
+        } else {
+            path
+        };
+        self.errors.push(ResourceError {
+            provider: provider_of(name)
+                .map(str::to_owned)
+                .or_else(|| {
+                    self.d
+                        .meta
+                        .origin(&path)
+                        .and_then(|o| o.as_tag().map(|_| "consulcatalog".to_owned()))
+                })
+                .unwrap_or_default(),
+            kind,
+            name: name.to_owned(),
+            key: key.map(str::to_owned),
+            origin: self.d.meta.origin(&path).cloned(),
+            message,
+        });
+        self.broken.insert((kind, name.to_owned()));
+    }
+
+    fn is_broken(&self, kind: ResourceKind, name: &str) -> bool {
+        self.broken.contains(&(kind, name.to_owned()))
+    }
+}
+
+/// Validates a merged configuration against the static configuration (entry points).
+pub fn validate(merged: &Dynamic, st: &StaticConfig) -> Validated {
+    validate_impl(merged, Some(st))
+}
+
+/// Validates a merged configuration without a static configuration: everything but the
+/// existence of entry points (`tagway tags` uses it).
+pub fn validate_without_static(merged: &Dynamic) -> Validated {
+    validate_impl(merged, None)
+}
+
+fn validate_impl(merged: &Dynamic, st: Option<&StaticConfig>) -> Validated {
+    use ResourceKind::*;
+    let d = merged;
+    let mut v = V {
+        d,
+        errors: Vec::new(),
+        broken: BTreeSet::new(),
+    };
+
+    // Names.
+    let names: Vec<(ResourceKind, &String)> = d
+        .tcp
+        .routers
+        .keys()
+        .map(|n| (Router, n))
+        .chain(d.tcp.services.keys().map(|n| (Service, n)))
+        .chain(d.tcp.middlewares.keys().map(|n| (Middleware, n)))
+        .chain(
+            d.tcp
+                .servers_transports
+                .keys()
+                .map(|n| (ServersTransport, n)),
+        )
+        .collect();
+    for (kind, name) in names {
+        let base = name.rsplit_once('@').map_or(name.as_str(), |(b, _)| b);
+        if base.is_empty() || base.contains('@') || base.contains('.') {
+            v.error(
+                kind,
+                name,
+                None,
+                format!(
+                    "invalid name `{base}`: names must not be empty nor contain `@` or `.` (`@` qualifies references: `name@provider`)"
+                ),
+            );
+        }
+    }
+
+    // Servers transports.
+    for (name, t) in &d.tcp.servers_transports {
+        for p in check_transport(t) {
+            v.error(ServersTransport, name, Some(p.key), p.message);
+        }
+    }
+
+    // Middlewares.
+    for (name, m) in &d.tcp.middlewares {
+        match (&m.ip_allow_list, &m.in_flight_conn) {
+            (None, None) => v.error(
+                Middleware,
+                name,
+                None,
+                "the middleware declares no kind: give exactly one of `ipAllowList` or `inFlightConn`".to_owned(),
+            ),
+            (Some(_), Some(_)) => v.error(
+                Middleware,
+                name,
+                None,
+                "the middleware declares both `ipAllowList` and `inFlightConn`: declare one middleware per kind and list both in the router's `middlewares`".to_owned(),
+            ),
+            _ => {}
+        }
+        if let Some(a) = &m.ip_allow_list {
+            if a.source_range.is_empty() {
+                v.error(
+                    Middleware,
+                    name,
+                    Some("ipAllowList.sourceRange"),
+                    "`sourceRange` is empty: no client would be allowed; list CIDRs or IPs"
+                        .to_owned(),
+                );
+            }
+            for (i, r) in a.source_range.iter().enumerate() {
+                if let Err(msg) = parse_ip_or_cidr(r) {
+                    v.error(
+                        Middleware,
+                        name,
+                        Some(&format!("ipAllowList.sourceRange[{i}]")),
+                        msg,
+                    );
+                }
+            }
+        }
+        if let Some(c) = &m.in_flight_conn
+            && c.amount <= 0
+        {
+            v.error(
+                Middleware,
+                name,
+                Some("inFlightConn.amount"),
+                format!(
+                    "amount must be greater than 0 (got {}): it is the number of simultaneous connections allowed per client IP",
+                    c.amount
+                ),
+            );
+        }
+    }
+
+    // Services: own values.
+    for (name, s) in &d.tcp.services {
+        check_service(&mut v, name, s);
+    }
+
+    // Services: references, in dependency order (fixpoint), with cycles.
+    for (name, s) in &d.tcp.services {
+        if s.weighted.is_some()
+            && let Some(cycle) = find_cycle(d, name)
+        {
+            v.error(
+                Service,
+                name,
+                Some("weighted.services"),
+                format!("weighted services form a cycle: {}", cycle.join(" → ")),
+            );
+        }
+    }
+    loop {
+        let mut changed = false;
+        for (name, s) in &d.tcp.services {
+            if v.is_broken(Service, name) {
+                continue;
+            }
+            if let Some(lb) = &s.load_balancer
+                && let Some(t) = &lb.servers_transport
+                && t != DEFAULT_TRANSPORT
+            {
+                let msg = if !d.tcp.servers_transports.contains_key(t) {
+                    Some(format!(
+                        "serversTransport `{t}` does not exist{}",
+                        known(d.tcp.servers_transports.keys())
+                    ))
+                } else if v.is_broken(ServersTransport, t) {
+                    Some(format!("serversTransport `{t}` is invalid (see its error)"))
+                } else {
+                    None
+                };
+                if let Some(m) = msg {
+                    v.error(Service, name, Some("loadBalancer.serversTransport"), m);
+                    changed = true;
+                    continue;
+                }
+            }
+            if let Some(w) = &s.weighted {
+                for (i, ws) in w.services.iter().enumerate() {
+                    let msg = if !d.tcp.services.contains_key(&ws.name) {
+                        Some(format!(
+                            "service `{}` does not exist{}",
+                            ws.name,
+                            known(d.tcp.services.keys())
+                        ))
+                    } else if v.is_broken(Service, &ws.name) {
+                        Some(format!("service `{}` is invalid (see its error)", ws.name))
+                    } else {
+                        None
+                    };
+                    if let Some(m) = msg {
+                        v.error(
+                            Service,
+                            name,
+                            Some(&format!("weighted.services[{i}].name")),
+                            m,
+                        );
+                        changed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+
+    // Routers.
+    for (name, r) in &d.tcp.routers {
+        check_router(&mut v, name, r, st);
+    }
+
+    // TLS.
+    for (i, c) in d.tls.certificates.iter().enumerate() {
+        let n = i.to_string();
+        for (key, f) in [("certFile", &c.cert_file), ("keyFile", &c.key_file)] {
+            if f.0.trim().is_empty() {
+                v.error(TlsCertificate, &n, Some(key), format!("`{key}` is empty"));
+            } else if let Some(m) = missing_file(f) {
+                v.error(
+                    TlsCertificate,
+                    &n,
+                    Some(key),
+                    format!("file `{m}` does not exist"),
+                );
+            }
+        }
+    }
+    for (name, o) in &d.tls.options {
+        for (key, val) in [
+            ("minVersion", &o.min_version),
+            ("maxVersion", &o.max_version),
+        ] {
+            if let Some(ver) = val
+                && !matches!(ver.as_str(), "VersionTLS12" | "VersionTLS13")
+            {
+                v.error(
+                    TlsOptions,
+                    name,
+                    Some(key),
+                    format!("unsupported TLS version `{ver}`: use VersionTLS12 or VersionTLS13"),
+                );
+            }
+        }
+        if let Some(ca) = &o.client_auth {
+            if let Some(t) = &ca.client_auth_type
+                && !matches!(
+                    t.as_str(),
+                    "NoClientCert"
+                        | "RequestClientCert"
+                        | "RequireAnyClientCert"
+                        | "VerifyClientCertIfGiven"
+                        | "RequireAndVerifyClientCert"
+                )
+            {
+                v.error(
+                    TlsOptions,
+                    name,
+                    Some("clientAuth.clientAuthType"),
+                    format!("unknown clientAuthType `{t}`: use NoClientCert, RequestClientCert, RequireAnyClientCert, VerifyClientCertIfGiven or RequireAndVerifyClientCert"),
+                );
+            }
+            for (i, f) in ca.ca_files.iter().enumerate() {
+                if let Some(m) = missing_file(f) {
+                    v.error(
+                        TlsOptions,
+                        name,
+                        Some(&format!("clientAuth.caFiles[{i}]")),
+                        format!("file `{m}` does not exist"),
+                    );
+                }
+            }
+        }
+    }
+
+    // Routers referencing broken TLS options.
+    for (name, r) in &d.tcp.routers {
+        if v.is_broken(Router, name) {
+            continue;
+        }
+        if let Some(tls) = &r.tls
+            && let Some(o) = &tls.options
+            && v.is_broken(TlsOptions, o)
+        {
+            v.error(
+                Router,
+                name,
+                Some("tls.options"),
+                format!("tls options `{o}` are invalid (see their error)"),
+            );
+        }
+    }
+
+    let mut config = d.clone();
+    config.tcp.routers.retain(|n, _| !v.is_broken(Router, n));
+    config.tcp.services.retain(|n, _| !v.is_broken(Service, n));
+    config
+        .tcp
+        .middlewares
+        .retain(|n, _| !v.is_broken(Middleware, n));
+    config
+        .tcp
+        .servers_transports
+        .retain(|n, _| !v.is_broken(ServersTransport, n));
+    config
+        .tls
+        .options
+        .retain(|n, _| !v.is_broken(TlsOptions, n));
+    let mut i = 0;
+    config.tls.certificates.retain(|_| {
+        let keep = !v.is_broken(TlsCertificate, &i.to_string());
+        i += 1;
+        keep
+    });
+    Validated {
+        config,
+        errors: v.errors,
+    }
+}
+
+fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        String::new()
+    } else if names.len() <= 10 {
+        format!(" (known: {})", names.join(", "))
+    } else {
+        format!(" ({} known, e.g. {})", names.len(), names[..10].join(", "))
+    }
+}
+
+fn check_service(v: &mut V<'_>, name: &str, s: &Service) {
+    use ResourceKind::Service as S;
+    match (&s.load_balancer, &s.weighted) {
+        (None, None) => {
+            v.error(
+                S,
+                name,
+                None,
+                "the service declares no kind: give exactly one of `loadBalancer` or `weighted`"
+                    .to_owned(),
+            );
+            return;
+        }
+        (Some(_), Some(_)) => {
+            v.error(
+                S,
+                name,
+                None,
+                "the service declares both `loadBalancer` and `weighted`: a service is one or the other; declare two services".to_owned(),
+            );
+            return;
+        }
+        _ => {}
+    }
+    if let Some(lb) = &s.load_balancer {
+        for (i, srv) in lb.servers.iter().enumerate() {
+            if let Err(m) = check_address(&srv.address, false) {
+                v.error(
+                    S,
+                    name,
+                    Some(&format!("loadBalancer.servers[{i}].address")),
+                    m,
+                );
+            }
+            if let Some(w) = srv.weight
+                && w < 0
+            {
+                v.error(
+                    S,
+                    name,
+                    Some(&format!("loadBalancer.servers[{i}].weight")),
+                    format!("weight {w} is negative: use 0 (never picked) or more"),
+                );
+            }
+        }
+        if let Some(t) = &lb.server {
+            let from_tag =
+                v.d.meta
+                    .origin(&format!("tcp.services.{name}.loadBalancer.server"))
+                    .is_some_and(|o| o.as_tag().is_some());
+            if !from_tag {
+                v.error(
+                    S,
+                    name,
+                    Some("loadBalancer.server"),
+                    "`server` is only valid in tags (a template applied to each Consul instance); list servers under `servers`".to_owned(),
+                );
+            }
+            if let Some(p) = &t.port
+                && !matches!(p.trim().parse::<u32>(), Ok(1..=65535))
+            {
+                v.error(
+                    S,
+                    name,
+                    Some("loadBalancer.server.port"),
+                    format!("`{p}` is not a port number (1-65535)"),
+                );
+            }
+            if let Some(w) = t.weight
+                && w < 0
+            {
+                v.error(
+                    S,
+                    name,
+                    Some("loadBalancer.server.weight"),
+                    format!("weight {w} is negative: use 0 (never picked) or more"),
+                );
+            }
+        }
+        if let Some(pp) = &lb.proxy_protocol
+            && pp.version != 1
+            && pp.version != 2
+        {
+            v.error(
+                S,
+                name,
+                Some("loadBalancer.proxyProtocol.version"),
+                format!(
+                    "PROXY protocol version {} does not exist: use 1 or 2",
+                    pp.version
+                ),
+            );
+        }
+        if let Some(hc) = &lb.health_check {
+            if hc.port == Some(0) {
+                v.error(
+                    S,
+                    name,
+                    Some("loadBalancer.healthCheck.port"),
+                    "port 0 is not a port: use 1-65535, or remove it to check the server's port"
+                        .to_owned(),
+                );
+            }
+            for (key, val) in [
+                ("interval", hc.interval),
+                ("unhealthyInterval", hc.unhealthy_interval),
+                ("timeout", hc.timeout),
+            ] {
+                if let Some(d) = val
+                    && (d.is_negative() || d.is_zero())
+                {
+                    v.error(
+                        S,
+                        name,
+                        Some(&format!("loadBalancer.healthCheck.{key}")),
+                        format!("{key} must be a positive duration (got {d})"),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(w) = &s.weighted {
+        if w.services.is_empty() {
+            v.error(
+                S,
+                name,
+                Some("weighted.services"),
+                "`weighted.services` is empty: list the services to balance over".to_owned(),
+            );
+        }
+        for (i, ws) in w.services.iter().enumerate() {
+            if ws.name.trim().is_empty() {
+                v.error(
+                    S,
+                    name,
+                    Some(&format!("weighted.services[{i}].name")),
+                    "the service name is empty".to_owned(),
+                );
+            }
+            if let Some(wt) = ws.weight
+                && wt < 0
+            {
+                v.error(
+                    S,
+                    name,
+                    Some(&format!("weighted.services[{i}].weight")),
+                    format!("weight {wt} is negative: use 0 (never picked) or more"),
+                );
+            }
+        }
+        if !w.services.is_empty() && w.services.iter().all(|s| s.weight() == 0) {
+            v.error(
+                S,
+                name,
+                Some("weighted.services"),
+                "every weight is 0: no service would ever be picked".to_owned(),
+            );
+        }
+    }
+}
+
+/// A cycle of weighted services starting at `start`, if any.
+fn find_cycle(d: &Dynamic, start: &str) -> Option<Vec<String>> {
+    fn dfs(
+        d: &Dynamic,
+        at: &str,
+        start: &str,
+        path: &mut Vec<String>,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
+        let Some(w) = d.tcp.services.get(at).and_then(|s| s.weighted.as_ref()) else {
+            return false;
+        };
+        for ws in &w.services {
+            if ws.name == start {
+                path.push(ws.name.clone());
+                return true;
+            }
+            if seen.insert(ws.name.clone()) {
+                path.push(ws.name.clone());
+                if dfs(d, &ws.name, start, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![start.to_owned()];
+    let mut seen = BTreeSet::new();
+    dfs(d, start, start, &mut path, &mut seen).then_some(path)
+}
+
+fn check_router(v: &mut V<'_>, name: &str, r: &Router, st: Option<&StaticConfig>) {
+    use ResourceKind::Router as R;
+    let d = v.d;
+    if r.rule.trim().is_empty() {
+        v.error(R, name, Some("rule"), "the rule is empty: write e.g. HostSNI(`*`) (every connection) or HostSNI(`db.example.com`)".to_owned());
+    } else {
+        match crate::rule::parse(&r.rule) {
+            Err(e) => v.error(R, name, Some("rule"), e.to_string()),
+            Ok(rule) => {
+                if rule.needs_tls() && r.tls.is_none() {
+                    v.error(
+                        R,
+                        name,
+                        Some("rule"),
+                        "the rule matches on the TLS ClientHello (HostSNI with a name, HostSNIRegexp or ALPN) but the router has no `tls` section: add `tls.passthrough = true` to forward TLS as is, or `tls` to terminate it, or match every connection with HostSNI(`*`)".to_owned(),
+                    );
+                }
+            }
+        }
+    }
+    if r.service.trim().is_empty() {
+        v.error(
+            R,
+            name,
+            Some("service"),
+            "no `service`: name the service connections go to".to_owned(),
+        );
+    } else if !d.tcp.services.contains_key(&r.service) {
+        v.error(
+            R,
+            name,
+            Some("service"),
+            format!(
+                "service `{}` does not exist{}",
+                r.service,
+                known(d.tcp.services.keys())
+            ),
+        );
+    } else if v.is_broken(ResourceKind::Service, &r.service) {
+        v.error(
+            R,
+            name,
+            Some("service"),
+            format!("service `{}` is invalid (see its error)", r.service),
+        );
+    }
+    for (i, m) in r.middlewares.iter().enumerate() {
+        let key = format!("middlewares[{i}]");
+        if !d.tcp.middlewares.contains_key(m) {
+            v.error(
+                R,
+                name,
+                Some(&key),
+                format!(
+                    "middleware `{m}` does not exist{}",
+                    known(d.tcp.middlewares.keys())
+                ),
+            );
+        } else if v.is_broken(ResourceKind::Middleware, m) {
+            v.error(
+                R,
+                name,
+                Some(&key),
+                format!("middleware `{m}` is invalid (see its error)"),
+            );
+        }
+    }
+    if let Some(st) = st {
+        for (i, ep) in r.entry_points.iter().enumerate() {
+            if !st.entry_points.contains_key(ep) {
+                let eps: Vec<&String> = st.entry_points.keys().collect();
+                v.error(
+                    R,
+                    name,
+                    Some(&format!("entryPoints[{i}]")),
+                    format!(
+                        "entry point `{ep}` does not exist in the static configuration{}",
+                        known(eps.into_iter())
+                    ),
+                );
+            }
+        }
+        if st.entry_points.is_empty() {
+            v.error(R, name, Some("entryPoints"), "the static configuration declares no entry points: add `entryPoints.<name>.address`".to_owned());
+        }
+    }
+    if let Some(tls) = &r.tls {
+        if tls.cert_resolver.is_some() {
+            v.error(
+                R,
+                name,
+                Some("tls.certResolver"),
+                "ACME certificate resolvers are not supported: give certificates in `tls.certificates`, or use `tls.passthrough`".to_owned(),
+            );
+        }
+        if let Some(o) = &tls.options
+            && o != "default"
+            && !d.tls.options.contains_key(o)
+        {
+            v.error(
+                R,
+                name,
+                Some("tls.options"),
+                format!(
+                    "tls options `{o}` do not exist{}",
+                    known(d.tls.options.keys())
+                ),
+            );
+        }
+    }
+}
+
+/// Counts of a configuration's resources, for summaries.
+pub fn summary(d: &Dynamic) -> String {
+    format!(
+        "{} routers, {} services, {} middlewares, {} serversTransports, {} TLS certificates",
+        d.tcp.routers.len(),
+        d.tcp.services.len(),
+        d.tcp.middlewares.len(),
+        d.tcp.servers_transports.len(),
+        d.tls.certificates.len()
+    )
+}
+
+/// Errors grouped by resource, for reports.
+pub fn by_resource(
+    errors: &[ResourceError],
+) -> BTreeMap<(ResourceKind, &str), Vec<&ResourceError>> {
+    let mut m: BTreeMap<(ResourceKind, &str), Vec<&ResourceError>> = BTreeMap::new();
+    for e in errors {
+        m.entry((e.kind, e.name.as_str())).or_default().push(e);
+    }
+    m
+}

@@ -1,0 +1,367 @@
+//! Merge and validation: references, qualified names, conflicts, values; broken resources
+//! disable themselves and what references them, nothing else.
+
+use tagway_config::*;
+
+fn static_with(eps: &[&str]) -> StaticConfig {
+    let mut st = StaticConfig::default();
+    for e in eps {
+        st.entry_points.insert(
+            (*e).to_owned(),
+            EntryPoint {
+                address: "127.0.0.1:0".into(),
+                ..Default::default()
+            },
+        );
+    }
+    st
+}
+
+fn file(text: &str) -> Dynamic {
+    load_dynamic_str(text, Format::Toml, "dyn.toml").unwrap()
+}
+
+fn errors_of(v: &Validated) -> Vec<String> {
+    v.errors.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn dangling_references_disable_only_what_references_them() {
+    let d = file(
+        r#"
+[tcp.routers.good]
+rule = "HostSNI(`*`)"
+service = "app"
+[tcp.routers.bad]
+rule = "HostSNI(`*`)"
+service = "nope"
+[tcp.routers.viaweighted]
+rule = "HostSNI(`*`)"
+service = "split"
+[tcp.routers.mw]
+rule = "HostSNI(`*`)"
+service = "app"
+middlewares = ["missing"]
+[tcp.services.app.loadBalancer]
+servers = [{ address = "127.0.0.1:9000" }]
+[tcp.services.split.weighted]
+services = [{ name = "app", weight = 3 }, { name = "ghost", weight = 1 }]
+[tcp.services.t.loadBalancer]
+serversTransport = "none"
+"#,
+    );
+    let merged = merge(&[("file", &d)]);
+    let v = validate(&merged, &static_with(&["web"]));
+    let errs = errors_of(&v);
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(errs.iter().any(|e| e
+        == "dyn.toml:7:1: router `bad@file` (provider file), key `service`: service `nope@file` does not exist (known: app@file, split@file, t@file)"), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.starts_with("dyn.toml:18:45:")
+        && e.contains("service `split@file` (provider file), key `weighted.services[1].name`: service `ghost@file` does not exist")), "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains("router `viaweighted@file`")
+            && e.contains("service `split@file` is invalid")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("router `mw@file`")
+            && e.contains("key `middlewares[0]`: middleware `missing@file` does not exist")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("service `t@file`")
+            && e.contains("serversTransport `none@file` does not exist")),
+        "{errs:#?}"
+    );
+    let c = &v.config.tcp;
+    assert_eq!(c.routers.keys().collect::<Vec<_>>(), ["good@file"]);
+    assert_eq!(c.services.keys().collect::<Vec<_>>(), ["app@file"]);
+}
+
+#[test]
+fn qualified_names_across_providers() {
+    let f = file(
+        "[tcp.services.app.loadBalancer]\nservers = [{ address = \"10.0.0.1:80\" }]\n[tcp.serversTransports.mtls]\ndialTimeout = \"5s\"\n",
+    );
+    let tags = tags::decode(
+        "traefik",
+        &[
+            "traefik.tcp.routers.r.rule=HostSNI(`*`)",
+            "traefik.tcp.routers.r.service=w",
+            "traefik.tcp.services.w.weighted.services[0].name=app@file",
+            "traefik.tcp.services.w.weighted.services[1].name=local",
+            "traefik.tcp.services.local.loadbalancer.server.port=80",
+            "traefik.tcp.services.local.loadbalancer.serverstransport=mtls@file",
+            "traefik.tcp.services.def.loadbalancer.serverstransport=default@internal",
+        ],
+    );
+    assert!(tags.errors.is_empty(), "{:?}", tags.errors);
+    let merged = merge(&[("file", &f), ("consulcatalog", &tags.config)]);
+    assert_eq!(
+        merged.tcp.routers["r@consulcatalog"].service,
+        "w@consulcatalog"
+    );
+    let w = merged.tcp.services["w@consulcatalog"]
+        .weighted
+        .as_ref()
+        .unwrap();
+    assert_eq!(w.services[0].name, "app@file");
+    assert_eq!(w.services[1].name, "local@consulcatalog");
+    let lb = merged.tcp.services["def@consulcatalog"]
+        .load_balancer
+        .as_ref()
+        .unwrap();
+    assert_eq!(lb.servers_transport.as_deref(), Some("default@internal"));
+    let v = validate(&merged, &static_with(&["web"]));
+    assert!(v.errors.is_empty(), "{:#?}", errors_of(&v));
+    assert_eq!(v.config.tcp.services.len(), 4);
+    assert_eq!(
+        merged
+            .meta
+            .origin("tcp.routers.r@consulcatalog.rule")
+            .and_then(Origin::as_tag),
+        Some("traefik.tcp.routers.r.rule=HostSNI(`*`)")
+    );
+}
+
+#[test]
+fn tag_errors_name_the_tag() {
+    let tags = tags::decode(
+        "traefik",
+        &[
+            "traefik.tcp.routers.r.rule=HostSNI(`a`",
+            "traefik.tcp.routers.r.service=s",
+            "traefik.tcp.services.s.loadbalancer.server.weight=-1",
+        ],
+    );
+    let merged = merge(&[("consulcatalog", &tags.config)]);
+    let v = validate_without_static(&merged);
+    let errs = errors_of(&v);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs.contains(&"tag `traefik.tcp.routers.r.rule=HostSNI(`a``: router `r@consulcatalog` (provider consulcatalog), key `rule`: invalid rule `HostSNI(`a`` at column 12: expected `,` or `)`, found the end of the rule".to_owned()), "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.starts_with(
+            "tag `traefik.tcp.services.s.loadbalancer.server.weight=-1`: service `s@consulcatalog`"
+        ) && e.contains("weight -1 is negative")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn transport_conflicts_say_why() {
+    let d = file(
+        r#"
+[tcp.serversTransports.both.tls]
+serverName = "a"
+certificates = ["-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----"]
+[tcp.serversTransports.both.spiffe]
+[tcp.serversTransports.insecure.tls]
+insecureSkipVerify = true
+peerCertURI = "spiffe://example.org/x"
+[tcp.serversTransports.noname.tls]
+[tcp.serversTransports.ok.tls]
+serverName = "db"
+[tcp.serversTransports.pp.proxyProtocol]
+version = 3
+[tcp.serversTransports.neg]
+dialTimeout = "-1s"
+terminationDelay = "-1s"
+dialKeepAlive = "-1s"
+"#,
+    );
+    let v = validate(&merge(&[("file", &d)]), &static_with(&[]));
+    let errs = errors_of(&v);
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(errs.iter().any(|e| e.starts_with("dyn.toml:4:1: serversTransport `both@file` (provider file), key `tls.certificates`: `tls.certificates` cannot be used with `spiffe`: a transport with `spiffe` presents the gateway's SPIFFE SVID as its client certificate, so static client certificates cannot also be presented")), "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains("`insecure@file`")
+            && e.contains("key `tls.insecureSkipVerify`")
+            && e.contains("`tls.peerCertURI`")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("`noname@file`") && e.contains("set `tls.serverName`")),
+        "{errs:#?}"
+    );
+    assert!(errs.iter().any(|e| e.contains("`pp@file`") && e.contains("key `proxyProtocol.version`: PROXY protocol version 3 does not exist: use 1 or 2")), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("`neg@file`") && e.contains("dialTimeout -1s is negative")),
+        "{errs:#?}"
+    );
+    let kept: Vec<&String> = v.config.tcp.servers_transports.keys().collect();
+    assert_eq!(kept, ["ok@file"]);
+}
+
+#[test]
+fn values_are_checked() {
+    let d = file(
+        r#"
+[tcp.services.neg.loadBalancer]
+servers = [{ address = "10.0.0.1:80", weight = -2 }]
+[tcp.services.addr.loadBalancer]
+servers = [{ address = "private-ip-server-1:8080/" }]
+[tcp.services.both.loadBalancer]
+[tcp.services.both.weighted]
+services = [{ name = "x" }]
+[tcp.services.none]
+[tcp.services.zero.weighted]
+services = [{ name = "ok", weight = 0 }]
+[tcp.services.ok.loadBalancer]
+servers = [{ address = "10.0.0.1:80", weight = 0 }]
+[tcp.services.hc.loadBalancer.healthCheck]
+interval = "0s"
+[tcp.services.lbpp.loadBalancer.proxyProtocol]
+version = 0
+[tcp.middlewares.cidr.ipAllowList]
+sourceRange = ["10.0.0.0/8", "300.1.1.1"]
+[tcp.middlewares.two.ipAllowList]
+sourceRange = ["10.0.0.0/8"]
+[tcp.middlewares.two.inFlightConn]
+amount = 1
+[tcp.middlewares.zero.inFlightConn]
+amount = 0
+[tcp.middlewares.empty]
+[tcp.middlewares.fine.ipWhiteList]
+sourceRange = ["::1"]
+"#,
+    );
+    let v = validate(&merge(&[("file", &d)]), &static_with(&[]));
+    let errs = errors_of(&v);
+    let expect = [
+        (
+            "`neg@file`",
+            "key `loadBalancer.servers[0].weight`: weight -2 is negative",
+        ),
+        (
+            "`addr@file`",
+            "key `loadBalancer.servers[0].address`: `private-ip-server-1:8080/` has a non-numeric port `8080/`",
+        ),
+        ("`both@file`", "declares both `loadBalancer` and `weighted`"),
+        ("`none@file`", "declares no kind"),
+        ("`zero@file`", "every weight is 0"),
+        (
+            "`hc@file`",
+            "key `loadBalancer.healthCheck.interval`: interval must be a positive duration (got 0s)",
+        ),
+        ("`lbpp@file`", "PROXY protocol version 0 does not exist"),
+        (
+            "`cidr@file`",
+            "key `ipAllowList.sourceRange[1]`: `300.1.1.1` is neither an IP address nor a CIDR",
+        ),
+        (
+            "`two@file`",
+            "declares both `ipAllowList` and `inFlightConn`",
+        ),
+        (
+            "`zero@file`",
+            "key `inFlightConn.amount`: amount must be greater than 0",
+        ),
+        ("`empty@file`", "declares no kind"),
+    ];
+    for (name, needle) in expect {
+        assert!(
+            errs.iter().any(|e| e.contains(name) && e.contains(needle)),
+            "{name} {needle}: {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    assert!(v.config.tcp.services.contains_key("ok@file"));
+    assert!(v.config.tcp.middlewares.contains_key("fine@file"));
+}
+
+#[test]
+fn routers_rules_entry_points_and_cycles() {
+    let d = file(
+        r#"
+[tcp.routers.rule]
+rule = "HostSNI(`a`) &&"
+service = "ok"
+[tcp.routers.notls]
+rule = "HostSNI(`db.example.com`)"
+service = "ok"
+[tcp.routers.ep]
+entryPoints = ["web", "nope"]
+rule = "HostSNI(`*`)"
+service = "ok"
+[tcp.routers.acme]
+rule = "HostSNI(`a`)"
+service = "ok"
+[tcp.routers.acme.tls]
+certResolver = "le"
+[tcp.routers.fine]
+rule = "HostSNI(`a`)"
+service = "ok"
+entryPoints = ["web"]
+[tcp.routers.fine.tls]
+passthrough = true
+[tcp.routers.loop]
+rule = "HostSNI(`*`)"
+service = "a"
+[tcp.services.ok.loadBalancer]
+servers = [{ address = "10.0.0.1:80" }]
+[tcp.services.a.weighted]
+services = [{ name = "b" }]
+[tcp.services.b.weighted]
+services = [{ name = "a" }, { name = "ok" }]
+"#,
+    );
+    let v = validate(&merge(&[("file", &d)]), &static_with(&["web"]));
+    let errs = errors_of(&v);
+    for (name, needle) in [
+        (
+            "`rule@file`",
+            "key `rule`: invalid rule `HostSNI(`a`) &&` at column 16: expected a matcher",
+        ),
+        ("`notls@file`", "has no `tls` section"),
+        (
+            "`ep@file`",
+            "key `entryPoints[1]`: entry point `nope` does not exist in the static configuration (known: web)",
+        ),
+        (
+            "`acme@file`",
+            "ACME certificate resolvers are not supported",
+        ),
+        (
+            "`a@file`",
+            "weighted services form a cycle: a@file → b@file → a@file",
+        ),
+        (
+            "`b@file`",
+            "weighted services form a cycle: b@file → a@file → b@file",
+        ),
+        ("`loop@file`", "service `a@file` is invalid"),
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(name) && e.contains(needle)),
+            "{name} {needle}: {errs:#?}"
+        );
+    }
+    assert_eq!(
+        v.config.tcp.routers.keys().collect::<Vec<_>>(),
+        ["fine@file"]
+    );
+    assert!(errs[0].starts_with("dyn.toml:"), "{errs:#?}");
+}
+
+#[test]
+fn merge_keeps_default_tls_options_and_concatenates_certificates() {
+    let a = file(
+        "[[tls.certificates]]\ncertFile = \"-----BEGIN CERTIFICATE-----\"\nkeyFile = \"-----BEGIN PRIVATE KEY-----\"\n[tls.options.default]\nminVersion = \"VersionTLS12\"\n[tls.options.strict]\nminVersion = \"VersionTLS13\"\n",
+    );
+    let b = file("[[tls.certificates]]\ncertFile = \"/nope.pem\"\nkeyFile = \"/nope.key\"\n");
+    let m = merge(&[("file", &a), ("other", &b)]);
+    assert_eq!(m.tls.certificates.len(), 2);
+    assert!(m.tls.options.contains_key("default"));
+    assert!(m.tls.options.contains_key("strict@file"));
+    let v = validate(&m, &static_with(&[]));
+    let errs = errors_of(&v);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].contains("tls certificate `1`")
+            && errs[0].contains("file `/nope.pem` does not exist"),
+        "{errs:#?}"
+    );
+    assert_eq!(v.config.tls.certificates.len(), 1);
+}
