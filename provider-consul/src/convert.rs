@@ -45,12 +45,31 @@ pub struct InstanceTags {
     pub connect: Option<bool>,
     /// `<prefix>.consulcatalog.canary`.
     pub canary: bool,
-    /// Tags that could not be decoded: `(tag, message)`.
-    pub errors: Vec<(String, String)>,
+    /// Tags that could not be decoded: `(tag, key, message)`.
+    pub errors: Vec<(String, Option<String>, String)>,
 }
 
-/// Decodes an instance's tags.
+/// Decodes an instance's tags (the provider uses [`decode_tags`]).
 pub type TagDecoder = dyn Fn(&str, &[String]) -> InstanceTags + Send + Sync;
+
+/// Decodes tags with the configuration crate's tag decoder (`tagway_config::tags::decode`).
+pub fn decode_tags(prefix: &str, tags: &[String]) -> InstanceTags {
+    let d = tagway_config::tags::decode(prefix, tags);
+    for w in &d.warnings {
+        tracing::debug!(key = %w.key, message = %w.message, "tag ignored");
+    }
+    InstanceTags {
+        config: d.config,
+        enable: d.enable,
+        connect: d.consul.connect,
+        canary: d.consul.canary.unwrap_or(false),
+        errors: d
+            .errors
+            .into_iter()
+            .map(|e| (e.tag, e.key, e.message))
+            .collect(),
+    }
+}
 
 /// One problem found while turning the catalog into configuration: a tag that does not decode, an
 /// instance that cannot be used, or a resource defined differently by two instances.
@@ -225,6 +244,8 @@ pub fn convert_service(
     decode: &TagDecoder,
 ) -> Fragment {
     let mut frag = Fragment::default();
+    // Instances of a service usually share their tags: decode each distinct set once.
+    let mut decoded: HashMap<&[String], Arc<InstanceTags>> = HashMap::new();
     for entry in input.entries {
         let instance = format!("{}/{}", entry.node.node, entry.service.id);
         let err = |tag: Option<String>, resource: Option<String>, message: String| CatalogError {
@@ -234,10 +255,13 @@ pub fn convert_service(
             resource,
             message,
         };
-        let tags = decode(&settings.prefix, &entry.service.tags);
-        for (tag, message) in &tags.errors {
+        let tags = decoded
+            .entry(entry.service.tags.as_slice())
+            .or_insert_with(|| Arc::new(decode(&settings.prefix, &entry.service.tags)))
+            .clone();
+        for (tag, key, message) in &tags.errors {
             frag.errors
-                .push(err(Some(tag.clone()), None, message.clone()));
+                .push(err(Some(tag.clone()), key.clone(), message.clone()));
         }
         if !tags.enable.unwrap_or(settings.exposed_by_default) {
             tracing::debug!(service = input.name, instance, "instance not enabled");
@@ -729,7 +753,7 @@ mod tests {
                             },
                         );
                     }
-                    "bad" => out.errors.push((t.clone(), v.to_owned())),
+                    "bad" => out.errors.push((t.clone(), None, v.to_owned())),
                     _ => {}
                 }
             }
@@ -1160,5 +1184,112 @@ mod tests {
         assert!(m.errors().is_empty());
         m.set("a", None);
         assert!(m.merged().tcp.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod real_decoder_tests {
+    use super::*;
+    use crate::api::{AgentService, HealthCheck, Node, Weights};
+
+    fn entry(id: &str, addr: &str, port: u16, tags: &[&str]) -> ServiceEntry {
+        ServiceEntry {
+            node: Node {
+                node: "n1".into(),
+                address: "10.0.0.1".into(),
+                datacenter: "dc1".into(),
+                ..Default::default()
+            },
+            service: AgentService {
+                id: id.into(),
+                service: "pg".into(),
+                tags: tags.iter().map(|s| s.to_string()).collect(),
+                address: addr.into(),
+                port,
+                weights: Some(Weights {
+                    passing: 4,
+                    warning: 1,
+                }),
+                ..Default::default()
+            },
+            checks: vec![HealthCheck {
+                status: "passing".into(),
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn settings() -> ConvertSettings {
+        ConvertSettings {
+            prefix: "traefik".into(),
+            exposed_by_default: true,
+            constraints: Constraints::none(),
+            strict_checks: [Health::Passing, Health::Warning].into(),
+            connect_aware: false,
+            connect_by_default: false,
+        }
+    }
+
+    fn run(entries: &[ServiceEntry]) -> (Dynamic, Vec<CatalogError>) {
+        let frag = convert_service(
+            ServiceInput {
+                name: "pg",
+                namespace: None,
+                entries,
+                connect: None,
+            },
+            &settings(),
+            &decode_tags,
+        );
+        let mut m = Merger::new();
+        m.set("pg", Some(frag));
+        (m.merged().clone(), m.errors())
+    }
+
+    #[test]
+    fn seeds_tags_and_template_keys() {
+        let tags = [
+            "traefik.tcp.routers.pg.rule=HostSNI(`*`)",
+            "traefik.tcp.routers.pg.entrypoints=postgres",
+            "traefik.tcp.services.Service01.loadBalancer.serversTransport=mytransport",
+            "traefik.tcp.services.Service01.loadbalancer.server.port=6432",
+            "unrelated-tag",
+        ];
+        let (d, errors) = run(&[entry("a", "10.1.0.1", 5432, &tags), entry("b", "", 5432, &tags)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let r = &d.tcp.routers["pg"];
+        assert_eq!(r.service, "Service01");
+        assert_eq!(r.entry_points, ["postgres"]);
+        let lb = d.tcp.services["Service01"].load_balancer.as_ref().unwrap();
+        assert_eq!(lb.servers_transport.as_deref(), Some("mytransport"));
+        let servers: Vec<(&str, i64)> = lb
+            .servers
+            .iter()
+            .map(|s| (s.address.as_str(), s.weight()))
+            .collect();
+        assert_eq!(servers, [("10.1.0.1:6432", 4), ("10.0.0.1:6432", 4)]);
+    }
+
+    #[test]
+    fn transports_declared_in_tags_and_bad_tags() {
+        let tags = [
+            "traefik.tcp.routers.pg.rule=HostSNI(`db.example`)",
+            "traefik.tcp.routers.pg.tls.passthrough=true",
+            "traefik.tcp.serversTransports.tt.dialTimeout=3s",
+            "traefik.tcp.serversTransports.tt.proxyProtocol.version=1",
+            "traefik.tcp.services.pg.loadbalancer.serversTransport=tt",
+            "traefik.tcp.routers.pg.priority=notanumber",
+        ];
+        let (d, errors) = run(&[entry("a", "10.1.0.1", 5432, &tags)]);
+        let t = &d.tcp.servers_transports["tt"];
+        assert_eq!(t.dial_timeout, tagway_config::Duration::from_secs(3));
+        assert_eq!(t.proxy_protocol.as_ref().unwrap().version, 1);
+        assert!(d.tcp.routers["pg"].tls.as_ref().unwrap().passthrough);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            errors[0].tag.as_deref(),
+            Some("traefik.tcp.routers.pg.priority=notanumber")
+        );
+        assert_eq!(errors[0].instance.as_deref(), Some("n1/a"));
     }
 }
