@@ -218,7 +218,11 @@ impl Settings {
             },
         };
         let env_ssl = env("CONSUL_HTTP_SSL").is_some_and(|v| parse_bool(&v) == Some(true));
-        let scheme = ep.scheme.as_deref().map(str::trim).filter(|s| !s.is_empty());
+        let scheme = ep
+            .scheme
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
         let base = parse_address(&address, origin, scheme, env_ssl)?;
 
         let token = if let Some(t) = ep.token.as_deref().filter(|t| !t.trim().is_empty()) {
@@ -235,7 +239,9 @@ impl Settings {
 
         let cfg_tls = ep.tls.clone().unwrap_or_default();
         let tls = TlsSettings {
-            ca: cfg_tls.ca.or_else(|| env("CONSUL_CACERT").map(PathBuf::from)),
+            ca: cfg_tls
+                .ca
+                .or_else(|| env("CONSUL_CACERT").map(PathBuf::from)),
             cert: cfg_tls
                 .cert
                 .or_else(|| env("CONSUL_CLIENT_CERT").map(PathBuf::from)),
@@ -754,7 +760,10 @@ mod tests {
         assert_eq!(
             resolve(
                 &ep,
-                &[("CONSUL_HTTP_ADDR", "10.1.1.1:8501"), ("CONSUL_HTTP_SSL", "true")]
+                &[
+                    ("CONSUL_HTTP_ADDR", "10.1.1.1:8501"),
+                    ("CONSUL_HTTP_SSL", "true")
+                ]
             )
             .unwrap()
             .base
@@ -805,7 +814,10 @@ mod tests {
         let e = Settings::resolve(&ConsulEndpoint::default(), true, true, false, &env(&[]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("stale") && e.contains("requireConsistent"), "{e}");
+        assert!(
+            e.contains("stale") && e.contains("requireConsistent"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -942,7 +954,10 @@ mod tests {
         };
         let c = ConsulClient::new(resolve(&ep, &[]).unwrap(), 4).unwrap();
         let (v, meta): (Vec<crate::api::ServiceEntry>, _) = c
-            .get(&["v1", "health", "service", "a b/c"], &QueryOptions::default())
+            .get(
+                &["v1", "health", "service", "a b/c"],
+                &QueryOptions::default(),
+            )
             .await
             .unwrap();
         assert!(v.is_empty());
@@ -974,7 +989,10 @@ mod tests {
             .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("/v1/catalog/services"), "{msg}");
-        assert!(msg.contains("403") && msg.contains("ACL not found"), "{msg}");
+        assert!(
+            msg.contains("403") && msg.contains("ACL not found"),
+            "{msg}"
+        );
         assert!(!msg.contains("old"), "token leaked: {msg}");
         assert_eq!(err.status(), Some(StatusCode::FORBIDDEN));
         // The 403 made the token source look at the file again right away.
@@ -986,7 +1004,10 @@ mod tests {
             )
             .await;
         let reqs = stub.requests();
-        assert_eq!(reqs.last().unwrap().header("x-consul-token"), Some("new-token"));
+        assert_eq!(
+            reqs.last().unwrap().header("x-consul-token"),
+            Some("new-token")
+        );
     }
 
     #[tokio::test]

@@ -106,12 +106,12 @@ impl ConnectIdentity {
             valid_before: leaf.valid_before.clone(),
         };
         if id.cert_chain().is_empty() {
-            return Err(format!(
-                "the leaf certificate of {service:?} is not PEM"
-            ));
+            return Err(format!("the leaf certificate of {service:?} is not PEM"));
         }
         if id.private_key().is_none() {
-            return Err(format!("the leaf key of {service:?} is not a PEM private key"));
+            return Err(format!(
+                "the leaf key of {service:?} is not a PEM private key"
+            ));
         }
         if id.roots().is_empty() {
             return Err("the CA roots are not PEM certificates".into());
@@ -298,10 +298,25 @@ mod tests {
                             return Reply::json(200, leaf).with_index(st.3);
                         }
                     }
-                    if tokio::time::timeout(Duration::from_secs(1), wait).await.is_err() {
+                    if tokio::time::timeout(Duration::from_secs(1), wait)
+                        .await
+                        .is_err()
+                    {
                         let st = s.lock().unwrap();
-                        let i = if req.path.ends_with("/roots") { st.1 } else { st.3 };
-                        return Reply::json(200, if req.path.ends_with("/roots") { &st.0 } else { st.2.as_deref().unwrap_or("{}") }).with_index(i);
+                        let i = if req.path.ends_with("/roots") {
+                            st.1
+                        } else {
+                            st.3
+                        };
+                        return Reply::json(
+                            200,
+                            if req.path.ends_with("/roots") {
+                                &st.0
+                            } else {
+                                st.2.as_deref().unwrap_or("{}")
+                            },
+                        )
+                        .with_index(i);
                     }
                 }
             }
@@ -387,8 +402,7 @@ mod tests {
     #[test]
     fn broken_material_is_refused() {
         let ca = Ca::new("r");
-        let roots: CaRoots =
-            serde_json::from_str(&roots_json("td.consul", &[&ca.pem()])).unwrap();
+        let roots: CaRoots = serde_json::from_str(&roots_json("td.consul", &[&ca.pem()])).unwrap();
         let leaf = LeafCert {
             cert_pem: "garbage".into(),
             private_key_pem: "garbage".into(),

@@ -29,7 +29,9 @@ enum Expr {
 
 /// Why a constraint expression does not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid providers.consulCatalog.constraints {expression:?} at character {position}: {message}")]
+#[error(
+    "invalid providers.consulCatalog.constraints {expression:?} at character {position}: {message}"
+)]
 #[non_exhaustive]
 pub struct ConstraintError {
     /// The whole expression.
@@ -181,9 +183,7 @@ impl Parser<'_> {
             "TagRegex" => 1,
             _ => {
                 self.pos = start;
-                return Err(self.err(&format!(
-                    "unknown function {name:?} (use Tag or TagRegex)"
-                )));
+                return Err(self.err(&format!("unknown function {name:?} (use Tag or TagRegex)")));
             }
         };
         if !self.eat("(") {

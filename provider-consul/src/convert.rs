@@ -27,7 +27,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use tagway_config::{
-    Dynamic, LoadBalancer, Middleware, Router, Server, Service, ServersTransport, Spiffe,
+    Dynamic, LoadBalancer, Middleware, Router, Server, ServersTransport, Service, Spiffe,
     TransportTls,
 };
 
@@ -220,7 +220,8 @@ pub struct Item {
 pub struct ConnectContext<'a> {
     /// The cluster's trust domain (from the CA roots).
     pub trust_domain: &'a str,
-    /// The datacenter when configured (else each instance's node's).
+    /// The datacenter used when an instance's node does not say (the configured one, else the
+    /// gateway leaf's).
     pub datacenter: Option<&'a str>,
 }
 
@@ -277,7 +278,12 @@ pub fn convert_service(
             continue;
         }
         if !settings.constraints.matches(&entry.service.tags) {
-            tracing::debug!(service = input.name, instance, constraints = settings.constraints.as_str(), "instance pruned by constraints");
+            tracing::debug!(
+                service = input.name,
+                instance,
+                constraints = settings.constraints.as_str(),
+                "instance pruned by constraints"
+            );
             continue;
         }
         let health = Health::aggregate(&entry.checks);
@@ -339,7 +345,10 @@ fn build_item(
         &entry.service.address
     };
     if address.is_empty() {
-        return Err((None, "address is missing (no Service.Address nor Node.Address)".into()));
+        return Err((
+            None,
+            "address is missing (no Service.Address nor Node.Address)".into(),
+        ));
     }
     let weights = entry.service.weights.unwrap_or_default();
     let consul_weight = if health == Health::Warning {
@@ -400,10 +409,11 @@ fn build_item(
         } else {
             &entry.service.namespace
         };
-        let dc = ctx
-            .datacenter
-            .filter(|d| !d.is_empty())
-            .unwrap_or(&entry.node.datacenter);
+        let dc = if entry.node.datacenter.is_empty() {
+            ctx.datacenter.unwrap_or_default()
+        } else {
+            &entry.node.datacenter
+        };
         if dc.is_empty() {
             return Err((
                 None,
@@ -467,7 +477,12 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Router, Kind::Service, Kind::Middleware, Kind::Transport];
+    const ALL: [Kind; 4] = [
+        Kind::Router,
+        Kind::Service,
+        Kind::Middleware,
+        Kind::Transport,
+    ];
 
     fn section(self) -> &'static str {
         match self {
@@ -606,7 +621,10 @@ impl Merger {
         let mut conflict: Option<(Owner, Owner)> = None;
         macro_rules! fold_equal {
             ($field:ident, $map:ident) => {{
-                let first = self.item(&owners[0]).and_then(|i| i.$field.get(name)).cloned();
+                let first = self
+                    .item(&owners[0])
+                    .and_then(|i| i.$field.get(name))
+                    .cloned();
                 for o in &owners[1..] {
                     if self.item(o).and_then(|i| i.$field.get(name)) != first.as_ref() {
                         conflict = Some((owners[0].clone(), o.clone()));
@@ -859,13 +877,23 @@ mod tests {
         assert_eq!(d.tcp.routers["db"].service, "My-Web-app");
         let lb = d.tcp.services["My-Web-app"].load_balancer.as_ref().unwrap();
         let addrs: Vec<&str> = lb.servers.iter().map(|s| s.address.as_str()).collect();
-        assert_eq!(addrs, ["10.1.0.1:5432", "10.0.0.1:5433"], "Service.Address else Node.Address");
+        assert_eq!(
+            addrs,
+            ["10.1.0.1:5432", "10.0.0.1:5433"],
+            "Service.Address else Node.Address"
+        );
         assert!(lb.server.is_none(), "the template never reaches the output");
     }
 
     #[test]
     fn port_and_weight_from_tags_else_consul() {
-        let mut a = entry("a", "10.1.0.1", 5432, &["r=db", "port=6000", "weight=5"], "passing");
+        let mut a = entry(
+            "a",
+            "10.1.0.1",
+            5432,
+            &["r=db", "port=6000", "weight=5"],
+            "passing",
+        );
         a.service.weights = Some(Weights {
             passing: 9,
             warning: 2,
@@ -890,7 +918,11 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [("10.1.0.1:6000", 5), ("10.1.0.2:6000", 9), ("10.1.0.3:6000", 2)]
+            [
+                ("10.1.0.1:6000", 5),
+                ("10.1.0.2:6000", 9),
+                ("10.1.0.3:6000", 2)
+            ]
         );
     }
 
@@ -901,7 +933,12 @@ mod tests {
             &settings(),
         ));
         assert_eq!(
-            d.tcp.services["My-Web-app"].load_balancer.as_ref().unwrap().servers[0].address,
+            d.tcp.services["My-Web-app"]
+                .load_balancer
+                .as_ref()
+                .unwrap()
+                .servers[0]
+                .address,
             "[fd00::1]:80"
         );
     }
@@ -989,7 +1026,13 @@ mod tests {
         assert!(canary_item.services.is_empty(), "no tcp tags on b: not TCP");
         let entries = [
             entry("a", "10.1.0.1", 1, &["r=db"], "passing"),
-            entry("b", "10.1.0.2", 1, &["canary", "r=canary:HostSNI(`c`)"], "passing"),
+            entry(
+                "b",
+                "10.1.0.2",
+                1,
+                &["canary", "r=canary:HostSNI(`c`)"],
+                "passing",
+            ),
         ];
         let (d, errors) = merged(convert(&entries, &settings()));
         assert!(errors.is_empty(), "{errors:?}");
@@ -1002,7 +1045,12 @@ mod tests {
         assert_eq!(d.tcp.routers["canary"].service, canary_name);
         assert_eq!(d.tcp.routers["db"].service, "My-Web-app");
         assert_eq!(
-            d.tcp.services[&canary_name].load_balancer.as_ref().unwrap().servers[0].address,
+            d.tcp.services[&canary_name]
+                .load_balancer
+                .as_ref()
+                .unwrap()
+                .servers[0]
+                .address,
             "10.1.0.2:1"
         );
     }
@@ -1010,14 +1058,31 @@ mod tests {
     #[test]
     fn disagreeing_instances_skip_only_that_resource() {
         let entries = [
-            entry("a", "10.1.0.1", 1, &["r=db:HostSNI(`a`)", "r=other:HostSNI(`o`)"], "passing"),
-            entry("b", "10.1.0.2", 1, &["r=db:HostSNI(`b`)", "r=other:HostSNI(`o`)"], "passing"),
+            entry(
+                "a",
+                "10.1.0.1",
+                1,
+                &["r=db:HostSNI(`a`)", "r=other:HostSNI(`o`)"],
+                "passing",
+            ),
+            entry(
+                "b",
+                "10.1.0.2",
+                1,
+                &["r=db:HostSNI(`b`)", "r=other:HostSNI(`o`)"],
+                "passing",
+            ),
         ];
         let (d, errors) = merged(convert(&entries, &settings()));
         assert!(!d.tcp.routers.contains_key("db"));
         assert_eq!(d.tcp.routers["other"].rule, "HostSNI(`o`)");
         assert_eq!(
-            d.tcp.services["My-Web-app"].load_balancer.as_ref().unwrap().servers.len(),
+            d.tcp.services["My-Web-app"]
+                .load_balancer
+                .as_ref()
+                .unwrap()
+                .servers
+                .len(),
             2
         );
         assert_eq!(errors.len(), 1, "{errors:?}");
@@ -1025,14 +1090,29 @@ mod tests {
         assert_eq!(e.resource.as_deref(), Some("tcp.routers.db"));
         assert_eq!(e.service, "web");
         let text = e.to_string();
-        assert!(text.contains("node1/a") && text.contains("node1/b"), "{text}");
+        assert!(
+            text.contains("node1/a") && text.contains("node1/b"),
+            "{text}"
+        );
     }
 
     #[test]
     fn differing_load_balancer_settings_are_a_conflict_but_servers_and_weights_are_not() {
         let entries = [
-            entry("a", "10.1.0.1", 1, &["s=x", "r=r", "transport=t1"], "passing"),
-            entry("b", "10.1.0.2", 1, &["s=x", "r=r", "transport=t2"], "passing"),
+            entry(
+                "a",
+                "10.1.0.1",
+                1,
+                &["s=x", "r=r", "transport=t1"],
+                "passing",
+            ),
+            entry(
+                "b",
+                "10.1.0.2",
+                1,
+                &["s=x", "r=r", "transport=t2"],
+                "passing",
+            ),
         ];
         let (d, errors) = merged(convert(&entries, &settings()));
         assert!(!d.tcp.services.contains_key("x"));
@@ -1054,7 +1134,13 @@ mod tests {
     #[test]
     fn tag_errors_are_reported_and_other_tags_kept() {
         let (d, errors) = merged(convert(
-            &[entry("a", "10.1.0.1", 1, &["r=db", "bad=unknown key"], "passing")],
+            &[entry(
+                "a",
+                "10.1.0.1",
+                1,
+                &["r=db", "bad=unknown key"],
+                "passing",
+            )],
             &settings(),
         ));
         assert!(d.tcp.routers.contains_key("db"));
@@ -1068,14 +1154,23 @@ mod tests {
         let mut e = entry("a", "", 0, &["r=db"], "passing");
         e.node.address.clear();
         let (_, errors) = merged(convert(&[e], &settings()));
-        assert!(errors[0].message.contains("address is missing"), "{errors:?}");
+        assert!(
+            errors[0].message.contains("address is missing"),
+            "{errors:?}"
+        );
         let (_, errors) = merged(convert(
             &[entry("a", "10.0.0.9", 0, &["r=db"], "passing")],
             &settings(),
         ));
         assert!(errors[0].message.contains("port is missing"), "{errors:?}");
         let (_, errors) = merged(convert(
-            &[entry("a", "10.0.0.9", 1, &["r=db", "port=99999"], "passing")],
+            &[entry(
+                "a",
+                "10.0.0.9",
+                1,
+                &["r=db", "port=99999"],
+                "passing",
+            )],
             &settings(),
         ));
         assert!(errors[0].message.contains("invalid port"), "{errors:?}");
@@ -1084,7 +1179,13 @@ mod tests {
     #[test]
     fn weighted_services_get_no_servers() {
         let (d, errors) = merged(convert(
-            &[entry("a", "10.1.0.1", 1, &["weighted=blue", "r=r:HostSNI(`*`):split"], "passing")],
+            &[entry(
+                "a",
+                "10.1.0.1",
+                1,
+                &["weighted=blue", "r=r:HostSNI(`*`):split"],
+                "passing",
+            )],
             &settings(),
         ));
         assert!(errors.is_empty(), "{errors:?}");
@@ -1124,7 +1225,13 @@ mod tests {
 
         // Without connectAware a Connect instance is skipped.
         let frag = convert(
-            &[entry("a", "10.1.0.1", 1, &["r=db", "connect=true"], "passing")],
+            &[entry(
+                "a",
+                "10.1.0.1",
+                1,
+                &["r=db", "connect=true"],
+                "passing",
+            )],
             &settings(),
         );
         assert!(frag.items.is_empty());
@@ -1167,11 +1274,19 @@ mod tests {
             errors: vec![],
         };
         assert!(m.set("a", Some(one("10.0.0.1:1", "HostSNI(`x`)"))));
-        assert!(!m.set("a", Some(one("10.0.0.1:1", "HostSNI(`x`)"))), "no change");
+        assert!(
+            !m.set("a", Some(one("10.0.0.1:1", "HostSNI(`x`)"))),
+            "no change"
+        );
         assert!(m.set("b", Some(one("10.0.0.2:1", "HostSNI(`x`)"))));
         // Two Consul services defining the same service merge their servers.
         assert_eq!(
-            m.merged().tcp.services["s"].load_balancer.as_ref().unwrap().servers.len(),
+            m.merged().tcp.services["s"]
+                .load_balancer
+                .as_ref()
+                .unwrap()
+                .servers
+                .len(),
             2
         );
         // ... and the same router identically: kept.
@@ -1255,7 +1370,10 @@ mod real_decoder_tests {
             "traefik.tcp.services.Service01.loadbalancer.server.port=6432",
             "unrelated-tag",
         ];
-        let (d, errors) = run(&[entry("a", "10.1.0.1", 5432, &tags), entry("b", "", 5432, &tags)]);
+        let (d, errors) = run(&[
+            entry("a", "10.1.0.1", 5432, &tags),
+            entry("b", "", 5432, &tags),
+        ]);
         assert!(errors.is_empty(), "{errors:?}");
         let r = &d.tcp.routers["pg"];
         assert_eq!(r.service, "Service01");

@@ -34,10 +34,11 @@ impl Ca {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(DnType::CommonName, "leaf");
         for d in dns {
-            p.subject_alt_names.push(match d.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName((*d).try_into().unwrap()),
-            });
+            p.subject_alt_names
+                .push(match d.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName((*d).try_into().unwrap()),
+                });
         }
         for u in uris {
             p.subject_alt_names

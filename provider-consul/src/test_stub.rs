@@ -19,6 +19,7 @@ pub struct Request {
     pub headers: HashMap<String, String>,
 }
 
+#[allow(dead_code)]
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
@@ -26,15 +27,19 @@ impl Request {
 
     /// A query parameter's value (`Some("")` for a bare key).
     pub fn param(&self, key: &str) -> Option<&str> {
-        self.query.split('&').find_map(|kv| match kv.split_once('=') {
-            Some((k, v)) if k == key => Some(v),
-            None if kv == key => Some(""),
-            _ => None,
-        })
+        self.query
+            .split('&')
+            .find_map(|kv| match kv.split_once('=') {
+                Some((k, v)) if k == key => Some(v),
+                None if kv == key => Some(""),
+                _ => None,
+            })
     }
 
     pub fn index(&self) -> u64 {
-        self.param("index").and_then(|v| v.parse().ok()).unwrap_or(0)
+        self.param("index")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -46,6 +51,7 @@ pub struct Reply {
     pub body: String,
 }
 
+#[allow(dead_code)]
 impl Reply {
     pub fn json(status: u16, body: &str) -> Reply {
         Reply {
@@ -67,6 +73,7 @@ impl Reply {
 
 type Handler = Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
 
+#[allow(dead_code)] // not every test reads every counter
 pub struct Stub {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Request>>>,
@@ -82,6 +89,7 @@ impl Drop for Stub {
     }
 }
 
+#[allow(dead_code)]
 impl Stub {
     pub async fn start<F>(f: F) -> Stub
     where

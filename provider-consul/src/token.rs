@@ -226,6 +226,9 @@ mod tests {
         let v = src.current().unwrap().unwrap();
         assert!(v.is_sensitive());
         assert!(!format!("{src:?}").contains("s3cr3t"));
-        assert!(matches!(TokenSource::fixed("  ").unwrap(), TokenSource::None));
+        assert!(matches!(
+            TokenSource::fixed("  ").unwrap(),
+            TokenSource::None
+        ));
     }
 }

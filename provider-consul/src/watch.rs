@@ -216,12 +216,11 @@ impl Blocking {
             if changed == Observed::Unchanged {
                 return Ok((None, meta));
             }
-            let value = serde_json::from_slice::<T>(&body).map_err(|source| {
-                ClientError::Decode {
+            let value =
+                serde_json::from_slice::<T>(&body).map_err(|source| ClientError::Decode {
                     endpoint: endpoint(),
                     source,
-                }
-            })?;
+                })?;
             Ok((Some(value), meta))
         }
         .await;
@@ -309,7 +308,11 @@ mod tests {
         for _ in 0..3 {
             r.acquire().await;
         }
-        assert_eq!(Instant::now(), t1, "the bucket refilled, capped at the burst");
+        assert_eq!(
+            Instant::now(),
+            t1,
+            "the bucket refilled, capped at the burst"
+        );
         r.acquire().await;
         assert_eq!(Instant::now() - t1, Duration::from_millis(100));
     }
@@ -363,7 +366,10 @@ mod tests {
         let r = b.query::<crate::api::CatalogServices>(&c, &segs, None, true);
         assert!(r.await.unwrap().unwrap().contains_key("svc9"));
         let r = b.query::<crate::api::CatalogServices>(&c, &segs, None, true);
-        assert!(r.await.unwrap().unwrap().contains_key("svc2"), "backwards: taken");
+        assert!(
+            r.await.unwrap().unwrap().contains_key("svc2"),
+            "backwards: taken"
+        );
         assert_eq!(b.index(), 0);
         let reqs = stub.requests();
         assert_eq!(reqs[0].index(), 0);
