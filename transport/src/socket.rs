@@ -1,0 +1,87 @@
+//! Socket options, all in one place: TCP keep-alive and TCP_NODELAY on every backend connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpSocket;
+
+use tagway_config::Duration as ConfigDuration;
+
+/// `dialKeepAlive: 0` means this.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Unanswered probes before the kernel drops the connection (Go's default, which Traefik uses).
+pub const KEEP_ALIVE_PROBES: u32 = 9;
+
+/// The options set on every backend socket before it connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// Keep-alive idle time and probe interval; `None` = keep-alive off.
+    pub keep_alive: Option<Duration>,
+    /// TCP_NODELAY (always on for a proxy: the client's segments are forwarded as they come).
+    pub nodelay: bool,
+}
+
+impl SocketOptions {
+    /// From `dialKeepAlive`: 0 → 15s, negative → off, else that interval.
+    pub fn from_keep_alive(keep_alive: ConfigDuration) -> Self {
+        let keep_alive = if keep_alive.is_negative() {
+            None
+        } else if keep_alive.is_zero() {
+            Some(DEFAULT_KEEP_ALIVE)
+        } else {
+            keep_alive.to_std()
+        };
+        SocketOptions {
+            keep_alive,
+            nodelay: true,
+        }
+    }
+
+    /// Applies the options to a socket (connected or not).
+    ///
+    /// Keep-alive sets the idle time before the first probe (TCP_KEEPIDLE) and the interval between
+    /// probes (TCP_KEEPINTVL) both to the configured value, with [`KEEP_ALIVE_PROBES`] probes
+    /// (TCP_KEEPCNT), as Go does for Traefik's `dialKeepAlive`.
+    pub fn apply(&self, socket: SockRef<'_>) -> io::Result<()> {
+        match self.keep_alive {
+            Some(every) => {
+                // The kernel takes whole seconds; round anything below one second up.
+                let every = every.max(Duration::from_secs(1));
+                let params = TcpKeepalive::new().with_time(every);
+                #[cfg(any(
+                    target_os = "linux",
+                    target_os = "android",
+                    target_vendor = "apple",
+                    target_os = "freebsd",
+                    target_os = "netbsd",
+                    target_os = "windows"
+                ))]
+                let params = params.with_interval(every);
+                #[cfg(any(
+                    target_os = "linux",
+                    target_os = "android",
+                    target_vendor = "apple",
+                    target_os = "freebsd",
+                    target_os = "netbsd"
+                ))]
+                let params = params.with_retries(KEEP_ALIVE_PROBES);
+                socket.set_tcp_keepalive(&params)?;
+            }
+            None => socket.set_keepalive(false)?,
+        }
+        socket.set_tcp_nodelay(self.nodelay)
+    }
+
+    /// Opens a socket for `addr` with the options applied, ready to connect.
+    pub fn socket(&self, addr: SocketAddr) -> io::Result<TcpSocket> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        self.apply(SockRef::from(&socket))?;
+        Ok(socket)
+    }
+}
