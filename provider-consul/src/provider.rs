@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tagway_config::{ConsulCatalog, Dynamic};
+use tagway_transport::IdentitySource;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
@@ -131,6 +132,7 @@ pub struct Status {
 /// The Consul catalog provider.
 pub struct ConsulProvider {
     cfg: ConsulCatalog,
+    identity: Option<IdentitySource>,
     settings: Settings,
     convert: ConvertSettings,
     options: ProviderOptions,
@@ -199,6 +201,7 @@ impl ConsulProvider {
         }
         Ok(ConsulProvider {
             cfg: cfg.clone(),
+            identity: None,
             settings,
             convert: ConvertSettings {
                 prefix,
@@ -220,6 +223,14 @@ impl ConsulProvider {
             options.timing.wait = self.options.timing.wait;
         }
         self.options = options;
+        self
+    }
+
+    /// The transport crate's identity source the Connect leaf and roots are pushed to (create it
+    /// with [`IdentitySource::manual`] and give it to the Connect transports). Every rotation is
+    /// pushed; connections already open keep their identity.
+    pub fn with_identity_source(mut self, source: IdentitySource) -> ConsulProvider {
+        self.identity = Some(source);
         self
     }
 
@@ -280,6 +291,7 @@ impl ConsulProvider {
                 .cfg
                 .connect_aware
                 .then(|| self.cfg.service_name.trim().to_owned()),
+            identity_source: self.identity,
             config_tx,
             errors_tx,
             status_tx,
@@ -457,6 +469,7 @@ struct Coordinator {
     poll: bool,
     namespaces: Vec<Option<String>>,
     connect_service: Option<String>,
+    identity_source: Option<IdentitySource>,
     config_tx: watch::Sender<Arc<Dynamic>>,
     errors_tx: watch::Sender<Arc<Vec<CatalogError>>>,
     status_tx: watch::Sender<Status>,
@@ -495,7 +508,18 @@ impl Coordinator {
                     None => break,
                 },
                 Ok(()) = connect_rx.changed() => {
-                    self.status.connect_ready = connect_rx.borrow_and_update().is_some();
+                    let id = connect_rx.borrow_and_update().clone();
+                    self.status.connect_ready = id.is_some();
+                    if let (Some(src), Some(id)) = (&self.identity_source, id) {
+                        let roots = id.roots_pem.join("\n");
+                        if let Err(e) = src.update_pem(
+                            id.cert_chain_pem.as_bytes(),
+                            id.key_pem.as_bytes(),
+                            roots.as_bytes(),
+                        ) {
+                            tracing::error!(error = %e, "Consul Connect identity refused by the transport, keeping the previous one");
+                        }
+                    }
                     self.check_synced();
                     self.push_status();
                 }
@@ -1661,7 +1685,18 @@ mod tests {
         );
         let mut c = cfg(&consul);
         c.connect_aware = true;
-        let (running, _stop) = start(&c, options());
+        let source = IdentitySource::manual();
+        let mut rotations = source.subscribe();
+        let (tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = ConsulProvider::with_env(&c, &|_| None)
+            .unwrap()
+            .with_options(options())
+            .with_identity_source(source.clone())
+            .start(async move {
+                let _ = stop_rx.await;
+            })
+            .unwrap();
+        let _stop = tx;
         let mut rx = running.config();
         until(&mut rx, "plain service", |d| servers(d, "plain").len() == 1).await;
         assert!(
@@ -1701,6 +1736,15 @@ mod tests {
         );
         let id = running.connect_identity().borrow().clone().unwrap();
         assert_eq!(id.trust_domain, "abcd.consul");
+        tokio::time::timeout(Duration::from_secs(5), rotations.wait_for(|n| *n > 0))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            source.current().unwrap().spiffe_id(),
+            Some("spiffe://abcd.consul/ns/default/dc/dc1/svc/tagway"),
+            "pushed to the transport's identity source"
+        );
         let mut status = running.status();
         tokio::time::timeout(
             Duration::from_secs(5),
