@@ -275,11 +275,19 @@ impl WeightedService {
 pub struct ProxyProtocol {
     /// 1 or 2; default 2.
     pub version: u8,
+    /// tagway extension: on TLS connections, send the header inside the TLS stream (after the
+    /// handshake) instead of before it; what Consul Connect sidecars expect. Default false (Traefik's
+    /// placement: before TLS).
+    #[serde(rename = "insideTLS", skip_serializing_if = "std::ops::Not::not")]
+    pub inside_tls: bool,
 }
 
 impl Default for ProxyProtocol {
     fn default() -> Self {
-        ProxyProtocol { version: 2 }
+        ProxyProtocol {
+            version: 2,
+            inside_tls: false,
+        }
     }
 }
 

@@ -31,11 +31,13 @@ pub struct Decoded {
 }
 
 /// Consul-only tags (`<prefix>.consulcatalog.*`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConsulTags {
     /// `<prefix>.consulcatalog.connect`: the service is reached through Consul Connect.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connect: Option<bool>,
     /// `<prefix>.consulcatalog.canary`: the instance is a canary (Nomad canary tags).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub canary: Option<bool>,
 }
 
@@ -521,7 +523,13 @@ mod tests {
             })
         );
         assert_eq!(lb.servers_transport.as_deref(), Some("mtls"));
-        assert_eq!(lb.proxy_protocol, Some(ProxyProtocol { version: 1 }));
+        assert_eq!(
+            lb.proxy_protocol,
+            Some(ProxyProtocol {
+                version: 1,
+                ..Default::default()
+            })
+        );
         assert_eq!(
             lb.health_check.as_ref().unwrap().interval(),
             crate::Duration::from_secs(5)
@@ -547,7 +555,13 @@ mod tests {
             [crate::FileOrContent::from("/ca.pem")]
         );
         assert_eq!(t.spiffe.as_ref().unwrap().ids, ["spiffe://example.org/db"]);
-        assert_eq!(t.proxy_protocol, Some(ProxyProtocol { version: 2 }));
+        assert_eq!(
+            t.proxy_protocol,
+            Some(ProxyProtocol {
+                version: 2,
+                ..Default::default()
+            })
+        );
         assert_eq!(
             d.config
                 .meta

@@ -86,7 +86,13 @@ fn empty_sections_enable_with_defaults() {
     let d = load_dynamic_str(yaml, Format::Yaml, "y").unwrap();
     let a = &d.tcp.servers_transports["a"];
     assert_eq!(a.spiffe, Some(Spiffe::default()));
-    assert_eq!(a.proxy_protocol, Some(ProxyProtocol { version: 2 }));
+    assert_eq!(
+        a.proxy_protocol,
+        Some(ProxyProtocol {
+            version: 2,
+            ..Default::default()
+        })
+    );
     assert_eq!(a.dial_timeout, Duration::from_secs(30));
     assert_eq!(a.termination_delay, Duration::from_millis(100));
     let b = &d.tcp.servers_transports["b"];
@@ -99,7 +105,13 @@ fn empty_sections_enable_with_defaults() {
     let a = &d.tcp.servers_transports["a"];
     assert_eq!(a.tls, Some(TransportTls::default()));
     assert_eq!(a.spiffe, Some(Spiffe::default()));
-    assert_eq!(a.proxy_protocol, Some(ProxyProtocol { version: 2 }));
+    assert_eq!(
+        a.proxy_protocol,
+        Some(ProxyProtocol {
+            version: 2,
+            ..Default::default()
+        })
+    );
 
     let yaml = "tcp:\n  serversTransports:\n    a:\n      tls:\n";
     let d = load_dynamic_str(yaml, Format::Yaml, "y").unwrap();

@@ -313,7 +313,13 @@ fn proxy_protocol_v1() {
     ] {
         let d = load(name);
         let lb = d.tcp.services["my-service"].load_balancer.as_ref().unwrap();
-        assert_eq!(lb.proxy_protocol, Some(ProxyProtocol { version: 1 }));
+        assert_eq!(
+            lb.proxy_protocol,
+            Some(ProxyProtocol {
+                version: 1,
+                ..Default::default()
+            })
+        );
         assert!(lb.servers.is_empty());
         assert_eq!(lb.termination_delay, None);
         assert!(check(&[name]).is_empty(), "{name}");

@@ -1,1 +1,4 @@
 //! tagway: a TCP service-mesh gateway for Consul and Nomad.
+
+pub mod cli;
+pub mod providers;

@@ -1,3 +1,5 @@
-fn main() {
-    println!("tagway {}", env!("CARGO_PKG_VERSION"));
+//! The `tagway` binary: see `tagway --help`.
+
+fn main() -> std::process::ExitCode {
+    tagway::cli::main()
 }

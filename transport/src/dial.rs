@@ -80,7 +80,10 @@ impl Transport {
                 has_identity: identity.is_some(),
             }),
             proxy,
-            placement: ProxyPlacement::default(),
+            placement: match &cfg.proxy_protocol {
+                Some(pp) if pp.inside_tls => ProxyPlacement::InsideTls,
+                _ => ProxyPlacement::default(),
+            },
         })
     }
 

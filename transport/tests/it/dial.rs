@@ -153,7 +153,10 @@ fn durations_and_proxy_version() -> Result<()> {
     let err = Transport::new(
         "pp",
         &ServersTransport {
-            proxy_protocol: Some(ProxyProtocol { version: 3 }),
+            proxy_protocol: Some(ProxyProtocol {
+                version: 3,
+                ..Default::default()
+            }),
             ..ServersTransport::default()
         },
         None,

@@ -113,7 +113,10 @@ fn parsed(header: &[u8]) -> (SocketAddr, SocketAddr) {
 
 fn pp_transport(version: u8, tls: bool) -> ServersTransport {
     ServersTransport {
-        proxy_protocol: Some(ProxyProtocol { version }),
+        proxy_protocol: Some(ProxyProtocol {
+            version,
+            ..Default::default()
+        }),
         tls: tls.then(|| TransportTls {
             server_name: Some("backend.test".into()),
             ..TransportTls::default()
@@ -164,9 +167,19 @@ async fn headers_before_and_inside_tls() -> Result<()> {
     for version in [1, 2] {
         let transport = Transport::new("pp", &tls(pp_transport(version, true)), None)?;
         assert_eq!(transport.proxy_placement(), ProxyPlacement::BeforeTls);
-        let inside_transport = transport.clone().with_proxy_protocol_inside_tls(true);
+        // `proxyProtocol.insideTLS = true` in the configuration selects the same placement.
+        let mut inside_cfg = tls(pp_transport(version, true));
+        inside_cfg.proxy_protocol.as_mut().unwrap().inside_tls = true;
+        let inside_transport = Transport::new("pp-inside", &inside_cfg, None)?;
         assert_eq!(
             inside_transport.proxy_placement(),
+            ProxyPlacement::InsideTls
+        );
+        assert_eq!(
+            transport
+                .clone()
+                .with_proxy_protocol_inside_tls(true)
+                .proxy_placement(),
             ProxyPlacement::InsideTls
         );
         for case in ["v4", "v6", "mixed"] {

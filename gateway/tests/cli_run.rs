@@ -1,0 +1,164 @@
+//! `tagway run`: loads, logs one summary line per applied configuration, follows file edits,
+//! keeps the previous configuration on a broken edit, reloads on SIGHUP, stops on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+struct Gateway {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Gateway {
+    /// Waits (bounded) for a log line containing `needle`.
+    fn expect(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?}; got:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(config: &std::path::Path) -> Gateway {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tagway"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Gateway {
+        child,
+        lines: rx,
+        seen: Vec::new(),
+    }
+}
+
+#[test]
+fn run_follows_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let dynamic = dir.path().join("dynamic");
+    std::fs::create_dir(&dynamic).unwrap();
+    std::fs::write(
+        dir.path().join("tagway.yaml"),
+        "entryPoints:\n  web:\n    address: 127.0.0.1:0\nlog:\n  format: json\nproviders:\n  file:\n    directory: dynamic\n",
+    )
+    .unwrap();
+    let router = "[tcp.routers.r]\nrule = \"HostSNI(`*`)\"\nservice = \"s\"\n[tcp.services.s.loadBalancer]\nservers = [{ address = \"127.0.0.1:9\" }]\n";
+    std::fs::write(dynamic.join("a.toml"), router).unwrap();
+    let mut gw = start(&dir.path().join("tagway.yaml"));
+    let first = gw.expect("configuration applied", Duration::from_secs(20));
+    // JSON log lines, with the counts.
+    let v: serde_json::Value = serde_json::from_str(&first).expect("a JSON log line");
+    assert!(
+        v["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 routers, 1 services"),
+        "{first}"
+    );
+
+    // An edit becomes a new configuration.
+    std::fs::write(
+        dynamic.join("b.toml"),
+        "[tcp.routers.r2]\nrule = \"HostSNI(`*`)\"\nservice = \"s\"\n",
+    )
+    .unwrap();
+    gw.expect("2 routers, 1 services", Duration::from_secs(10));
+
+    // A broken edit keeps the previous configuration and says why.
+    std::fs::write(dynamic.join("b.toml"), "[tcp.routers.r2\n").unwrap();
+    let l = gw.expect(
+        "rejected, keeping the previous configuration",
+        Duration::from_secs(10),
+    );
+    assert!(l.contains("b.toml:1:"), "{l}");
+
+    // A broken resource is disabled and logged, the rest applies.
+    std::fs::write(
+        dynamic.join("b.toml"),
+        "[tcp.routers.r3]\nrule = \"HostSNI(`*`)\"\nservice = \"missing\"\n",
+    )
+    .unwrap();
+    let l = gw.expect("does not exist", Duration::from_secs(10));
+    assert!(l.contains("router `r3@file`"), "{l}");
+    gw.expect("1 routers, 1 services", Duration::from_secs(10));
+
+    // SIGHUP reloads.
+    gw.signal("-HUP");
+    gw.expect("SIGHUP: reloading", Duration::from_secs(10));
+    gw.expect("reloaded: no change", Duration::from_secs(10));
+
+    // SIGTERM stops cleanly.
+    gw.signal("-TERM");
+    gw.expect("tagway stopped", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = gw.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "tagway did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+}
+
+#[test]
+fn run_refuses_a_broken_static_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tagway.toml");
+    std::fs::write(&cfg, "[entryPoints.web]\nadress = \":80\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tagway"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:2:1: entryPoints.web.adress: unknown key `adress`: expected `address`, `proxyProtocol` or `maxConnections`",
+            cfg.display()
+        )),
+        "{err}"
+    );
+}
