@@ -397,13 +397,17 @@ fn build_item(
     }
 
     if let (Some(name), Some(ctx)) = (&connect_transport, input.connect) {
-        // PROXY protocol asked on a Connect service's load balancer goes to its transport, which
-        // writes the header inside the mTLS stream.
+        // PROXY protocol asked on a Connect service's load balancer goes to its transport, with
+        // the header inside the mTLS stream (what a Connect sidecar reads after terminating TLS).
         let proxy_protocol = item
             .services
             .values_mut()
             .filter_map(|s| s.load_balancer.as_mut())
-            .find_map(|lb| lb.proxy_protocol.take());
+            .find_map(|lb| lb.proxy_protocol.take())
+            .map(|mut p| {
+                p.inside_tls = true;
+                p
+            });
         let ns = if entry.service.namespace.is_empty() {
             "default"
         } else {
@@ -1409,5 +1413,68 @@ mod real_decoder_tests {
             Some("traefik.tcp.routers.pg.priority=notanumber")
         );
         assert_eq!(errors[0].instance.as_deref(), Some("n1/a"));
+    }
+}
+
+#[cfg(test)]
+mod connect_proxy_tests {
+    use super::*;
+    use crate::api::{AgentService, Node};
+
+    #[test]
+    fn proxy_protocol_of_a_connect_service_goes_inside_the_mtls_stream() {
+        let entry = ServiceEntry {
+            node: Node {
+                node: "n1".into(),
+                address: "10.0.0.1".into(),
+                datacenter: "dc7".into(),
+                ..Default::default()
+            },
+            service: AgentService {
+                id: "db-sidecar".into(),
+                service: "db-sidecar-proxy".into(),
+                tags: vec![
+                    "traefik.tcp.routers.db.rule=HostSNI(`*`)".into(),
+                    "traefik.tcp.services.db.loadbalancer.proxyProtocol.version=1".into(),
+                    "traefik.consulcatalog.connect=true".into(),
+                ],
+                port: 21000,
+                ..Default::default()
+            },
+            checks: vec![],
+        };
+        let settings = ConvertSettings {
+            prefix: "traefik".into(),
+            exposed_by_default: true,
+            constraints: Constraints::none(),
+            strict_checks: [Health::Passing].into(),
+            connect_aware: true,
+            connect_by_default: false,
+        };
+        let frag = convert_service(
+            ServiceInput {
+                name: "db",
+                namespace: None,
+                entries: &[entry],
+                connect: Some(ConnectContext {
+                    trust_domain: "td.consul",
+                    datacenter: None,
+                }),
+            },
+            &settings,
+            &decode_tags,
+        );
+        assert!(frag.errors.is_empty(), "{:?}", frag.errors);
+        let item = &frag.items["n1/db-sidecar"];
+        let lb = item.services["db"].load_balancer.as_ref().unwrap();
+        assert!(lb.proxy_protocol.is_none(), "moved to the transport");
+        assert_eq!(lb.servers[0].address, "10.0.0.1:21000");
+        let t = &item.transports["connect-db"];
+        let pp = t.proxy_protocol.as_ref().unwrap();
+        assert_eq!((pp.version, pp.inside_tls), (1, true));
+        assert_eq!(
+            t.spiffe.as_ref().unwrap().ids,
+            ["spiffe://td.consul/ns/default/dc/dc7/svc/db"]
+        );
     }
 }
