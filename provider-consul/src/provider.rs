@@ -303,6 +303,7 @@ impl ConsulProvider {
             catalog_seen: HashSet::new(),
             pending: HashSet::new(),
             waiting_identity: HashSet::new(),
+            last_changed: HashMap::new(),
             nodes: HashMap::new(),
             node_services: HashMap::new(),
             feeds: HashMap::new(),
@@ -481,6 +482,7 @@ struct Coordinator {
     catalog_seen: HashSet<Option<String>>,
     pending: HashSet<Key>,
     waiting_identity: HashSet<Key>,
+    last_changed: HashMap<Key, Instant>,
     nodes: HashMap<Key, Vec<String>>,
     node_services: HashMap<(Option<String>, String), HashSet<Key>>,
     feeds: HashMap<(Option<String>, &'static str), BTreeSet<FeedCheck>>,
@@ -706,6 +708,7 @@ impl Coordinator {
             tracing::debug!(service = %key, "Consul service no longer relevant");
         }
         self.pending.remove(key);
+        self.last_changed.remove(key);
         if self.waiting_identity.remove(key) {
             self.status.connect_pending = self.waiting_identity.len();
         }
@@ -754,8 +757,9 @@ impl Coordinator {
             tracing::info!(services = w, max_long_polls = p, mode = ?next, "Consul watch mode changed");
             self.status.mode = next;
             self.mode_tx.send_replace(next);
-            if next == Mode::Feed {
-                // Changes between the end of the long polls and the first feed answers.
+            if next == Mode::Feed && self.watched.len() > self.pending.len() {
+                // Changes between the end of the long polls and the first feed answers (at
+                // start-up no service has long-polled yet: nothing to catch up).
                 self.sweep(true);
             }
         }
@@ -763,7 +767,11 @@ impl Coordinator {
 
     fn sweep(&mut self, paced: bool) {
         if let Some(tx) = &self.sweep_tx {
-            let kicks = self.watched.values().map(|w| w.kick.clone()).collect();
+            // Services that changed last first: during a rolling deploy the next instance
+            // added or removed is most likely one of theirs.
+            let mut order: Vec<(&Key, &Watched)> = self.watched.iter().collect();
+            order.sort_by_key(|(k, _)| std::cmp::Reverse(self.last_changed.get(*k)));
+            let kicks = order.into_iter().map(|(_, w)| w.kick.clone()).collect();
             tx.send_replace(Some(Arc::new(SweepRequest { kicks, paced })));
         }
     }
@@ -783,6 +791,7 @@ impl Coordinator {
         let waiting = fragment.is_none();
         if self.merger.set(&key.to_string(), fragment) {
             self.mark_dirty();
+            self.last_changed.insert(key.clone(), Instant::now());
         }
         let changed = if waiting {
             self.waiting_identity.insert(key.clone())
