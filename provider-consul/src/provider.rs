@@ -267,10 +267,16 @@ impl ConsulProvider {
                 .collect()
         };
         let timing = Arc::new(self.options.timing.clone());
+        let aggregate_timing = Arc::new(WatchTiming {
+            burst: timing.burst.max(10),
+            interval: timing.interval.min(Duration::from_millis(20)),
+            ..(*timing).clone()
+        });
         let shared = Arc::new(Shared {
             datacenter: client.settings().datacenter.clone(),
             client,
             timing,
+            aggregate_timing,
             convert: self.convert,
             decoder: self.decoder,
             long_permits: Semaphore::new(self.options.max_long_polls.max(1)),
@@ -304,6 +310,9 @@ impl ConsulProvider {
             pending: HashSet::new(),
             waiting_identity: HashSet::new(),
             last_changed: HashMap::new(),
+            checked: HashMap::new(),
+            census_tx: HashMap::new(),
+            census_sweep: HashSet::new(),
             nodes: HashMap::new(),
             node_services: HashMap::new(),
             feeds: HashMap::new(),
@@ -388,6 +397,9 @@ impl fmt::Display for Key {
 struct Shared {
     client: ConsulClient,
     timing: Arc<WatchTiming>,
+    /// Timing of the watches that aggregate every service (catalog, feeds, census): their rate
+    /// limit only stops spinning, bursts of changes coalesce in their answers anyway.
+    aggregate_timing: Arc<WatchTiming>,
     convert: ConvertSettings,
     decoder: Arc<TagDecoder>,
     long_permits: Semaphore,
@@ -431,6 +443,17 @@ enum Event {
         /// `None`: a Connect service waiting for the Connect identity.
         fragment: Option<Fragment>,
         nodes: Vec<String>,
+        /// Instances with at least one service check, as `(node, service id)`.
+        checked: BTreeSet<(String, String)>,
+    },
+    Census {
+        ns: Option<String>,
+        /// Service name → its instances with a service check, as `(node, service id)`.
+        by_service: HashMap<String, BTreeSet<(String, String)>>,
+    },
+    CensusFailed {
+        ns: Option<String>,
+        error: String,
     },
     Feed {
         ns: Option<String>,
@@ -483,6 +506,9 @@ struct Coordinator {
     pending: HashSet<Key>,
     waiting_identity: HashSet<Key>,
     last_changed: HashMap<Key, Instant>,
+    checked: HashMap<Key, BTreeSet<(String, String)>>,
+    census_tx: HashMap<Option<String>, watch::Sender<u64>>,
+    census_sweep: HashSet<Option<String>>,
     nodes: HashMap<Key, Vec<String>>,
     node_services: HashMap<(Option<String>, String), HashSet<Key>>,
     feeds: HashMap<(Option<String>, &'static str), BTreeSet<FeedCheck>>,
@@ -549,6 +575,11 @@ impl Coordinator {
                     self.tasks
                         .push(tokio::spawn(feed_task(sh, ns.clone(), state)).abort_handle());
                 }
+                let (tx, rx) = watch::channel(0u64);
+                let sh = self.shared.clone();
+                self.tasks
+                    .push(tokio::spawn(census_task(sh, ns.clone(), rx)).abort_handle());
+                self.census_tx.insert(ns.clone(), tx);
             }
         }
         let (sweep_tx, sweep_rx) = watch::channel(None);
@@ -603,7 +634,15 @@ impl Coordinator {
                 generation,
                 fragment,
                 nodes,
-            } => self.on_fragment(key, generation, fragment, nodes),
+                checked,
+            } => self.on_fragment(key, generation, fragment, nodes, checked),
+            Event::Census { ns, by_service } => self.on_census(ns, by_service),
+            Event::CensusFailed { ns, error } => {
+                tracing::debug!(%error, "instance census failed, sweeping instead");
+                if self.census_sweep.remove(&ns) {
+                    self.sweep(true);
+                }
+            }
             Event::Feed {
                 ns,
                 state,
@@ -663,13 +702,24 @@ impl Coordinator {
                 None => self.spawn_service(key, connect, tags),
             }
         }
+        let none_attributed = attributed.is_empty();
         for k in attributed {
             k.notify_one();
         }
         self.update_mode();
         match self.status.mode {
             Mode::Poll => self.sweep(false),
-            Mode::Feed if !first_answer => self.sweep(true),
+            Mode::Feed if !first_answer => {
+                // Which services gained or lost an instance: one census of every check.
+                if none_attributed {
+                    self.census_sweep.insert(ns.clone());
+                }
+                if let Some(tx) = self.census_tx.get(&ns) {
+                    tx.send_modify(|n| *n += 1);
+                } else if none_attributed {
+                    self.sweep(true);
+                }
+            }
             _ => {}
         }
         self.check_synced();
@@ -714,6 +764,7 @@ impl Coordinator {
         }
         self.failing.remove(&What::Service(key.clone()));
         self.set_nodes(key, Vec::new());
+        self.checked.remove(key);
         if self.merger.set(&key.to_string(), None) {
             self.mark_dirty();
         }
@@ -782,12 +833,14 @@ impl Coordinator {
         generation: u64,
         fragment: Option<Fragment>,
         nodes: Vec<String>,
+        checked: BTreeSet<(String, String)>,
     ) {
         if self.watched.get(&key).map(|w| w.generation) != Some(generation) {
             return;
         }
         self.on_recovered(What::Service(key.clone()));
         self.set_nodes(&key, nodes);
+        self.checked.insert(key.clone(), checked);
         let waiting = fragment.is_none();
         if self.merger.set(&key.to_string(), fragment) {
             self.mark_dirty();
@@ -844,6 +897,31 @@ impl Coordinator {
             if let Some(w) = self.watched.get(&k) {
                 w.kick.notify_one();
             }
+        }
+    }
+
+    fn on_census(
+        &mut self,
+        ns: Option<String>,
+        by_service: HashMap<String, BTreeSet<(String, String)>>,
+    ) {
+        let empty = BTreeSet::new();
+        let mut kicked = 0usize;
+        for (key, w) in &self.watched {
+            if key.ns != ns {
+                continue;
+            }
+            let now = by_service.get(&key.name).unwrap_or(&empty);
+            let known = self.checked.get(key).unwrap_or(&empty);
+            if now != known {
+                w.kick.notify_one();
+                kicked += 1;
+            }
+        }
+        tracing::debug!(kicked, "instance census");
+        if self.census_sweep.remove(&ns) && kicked == 0 {
+            // An instance without checks, or an address or port change: only a sweep tells.
+            self.sweep(true);
         }
     }
 
@@ -994,7 +1072,7 @@ fn service_connect(conv: &ConvertSettings, tags: &[String]) -> bool {
 }
 
 async fn catalog_task(sh: Arc<Shared>, ns: Option<String>, poll: Option<Duration>) {
-    let mut b = Blocking::new(sh.timing.clone());
+    let mut b = Blocking::new(sh.aggregate_timing.clone());
     let segs = ["v1", "catalog", "services"];
     loop {
         b.pace().await;
@@ -1035,7 +1113,7 @@ async fn feed_task(sh: Arc<Shared>, ns: Option<String>, state: &'static str) {
             return;
         }
         tracing::debug!(state, "health feed started");
-        let mut b = Blocking::new(sh.timing.clone());
+        let mut b = Blocking::new(sh.aggregate_timing.clone());
         let mut first = true;
         loop {
             let r = tokio::select! {
@@ -1065,6 +1143,59 @@ async fn feed_task(sh: Arc<Shared>, ns: Option<String>, state: &'static str) {
             if sh.events.send(ev).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// One check of `/v1/health/state/any`, only what the census needs.
+#[derive(serde::Deserialize)]
+struct CensusCheck {
+    #[serde(rename = "Node", default)]
+    node: String,
+    #[serde(rename = "ServiceID", default)]
+    service_id: String,
+    #[serde(rename = "ServiceName", default)]
+    service_name: String,
+}
+
+async fn census_task(sh: Arc<Shared>, ns: Option<String>, mut trigger: watch::Receiver<u64>) {
+    let mut b = Blocking::new(sh.aggregate_timing.clone());
+    let segs = ["v1", "health", "state", "any"];
+    loop {
+        if trigger.changed().await.is_err() {
+            return;
+        }
+        trigger.borrow_and_update();
+        b.pace().await;
+        let r = {
+            let _permit = sh.fetch_permits.acquire().await;
+            b.query::<Vec<CensusCheck>>(&sh.client, &segs, ns.as_deref(), false)
+                .await
+        };
+        let ev = match r {
+            Ok(checks) => {
+                let mut by_service: HashMap<String, BTreeSet<(String, String)>> = HashMap::new();
+                for c in checks.into_iter().flatten() {
+                    if !c.service_id.is_empty() {
+                        by_service
+                            .entry(c.service_name)
+                            .or_default()
+                            .insert((c.node, c.service_id));
+                    }
+                }
+                b.reset();
+                Event::Census {
+                    ns: ns.clone(),
+                    by_service,
+                }
+            }
+            Err(e) => Event::CensusFailed {
+                ns: ns.clone(),
+                error: e.to_string(),
+            },
+        };
+        if sh.events.send(ev).await.is_err() {
+            return;
         }
     }
 }
@@ -1202,6 +1333,11 @@ async fn send_fragment(
     let mut nodes: Vec<String> = entries.iter().map(|e| e.node.node.clone()).collect();
     nodes.sort_unstable();
     nodes.dedup();
+    let checked: BTreeSet<(String, String)> = entries
+        .iter()
+        .filter(|e| e.checks.iter().any(|c| !c.service_id.is_empty()))
+        .map(|e| (e.node.node.clone(), e.service.id.clone()))
+        .collect();
     let id = if connect {
         identity.borrow().clone()
     } else {
@@ -1235,6 +1371,7 @@ async fn send_fragment(
             generation,
             fragment,
             nodes,
+            checked,
         })
         .await
         .is_ok()
@@ -1505,7 +1642,8 @@ mod tests {
         let opts = ProviderOptions {
             max_long_polls: 8,
             fetch_concurrency: 4,
-            sweep_rate: 400,
+            // A sweep would take 20 s: what is seen faster was attributed.
+            sweep_rate: 2,
             ..options()
         };
         let (running, _stop) = start(&cfg(&consul), opts);
@@ -1546,7 +1684,7 @@ mod tests {
                 .is_some_and(|r| r.rule.contains("changed"))
         })
         .await;
-        // New instance with the same tags: found by the sweep.
+        // New instance with the same tags: found by the census of checks.
         consul.register(
             "svc5",
             Instance::new("i5b", 20005, &["traefik.tcp.routers.r5.rule=HostSNI(`s5`)"]),
@@ -1555,7 +1693,7 @@ mod tests {
             servers(d, "svc5").len() == 2
         })
         .await;
-        // Deregistration of a passing instance: also the sweep.
+        // Deregistration of a passing instance: also the census.
         consul.deregister("svc5", "i5");
         until(&mut rx, "svc5 one instance", |d| {
             servers(d, "svc5") == ["127.0.0.1:20005"]
@@ -1566,6 +1704,46 @@ mod tests {
             "in flight: {}",
             consul.stub.max_in_flight()
         );
+    }
+
+    #[tokio::test]
+    async fn feed_mode_sweeps_for_changes_no_check_reveals() {
+        let consul = FakeConsul::start().await;
+        for i in 0..20 {
+            consul.register(
+                &format!("svc{i}"),
+                Instance::new(
+                    &format!("i{i}"),
+                    10000 + i,
+                    &[&format!("traefik.tcp.routers.r{i}.rule=HostSNI(`s{i}`)")],
+                ),
+            );
+        }
+        let opts = ProviderOptions {
+            max_long_polls: 4,
+            sweep_rate: 200,
+            ..options()
+        };
+        let (running, _stop) = start(&cfg(&consul), opts);
+        let mut rx = running.config();
+        until(&mut rx, "all 20", |d| d.tcp.routers.len() == 20).await;
+        assert_eq!(running.status().borrow().mode, Mode::Feed);
+        let mut inst = Instance::new("i9b", 20009, &["traefik.tcp.routers.r9.rule=HostSNI(`s9`)"]);
+        inst.no_check = true;
+        consul.register("svc9", inst);
+        until(&mut rx, "check-less instance", |d| {
+            servers(d, "svc9").len() == 2
+        })
+        .await;
+        // A port change of an existing instance changes no check either.
+        consul.register(
+            "svc4",
+            Instance::new("i4", 30004, &["traefik.tcp.routers.r4.rule=HostSNI(`s4`)"]),
+        );
+        until(&mut rx, "port change", |d| {
+            servers(d, "svc4") == ["127.0.0.1:30004"]
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ pub struct Instance {
     pub status: String,
     pub weights: (i64, i64),
     pub maintenance: bool,
+    pub no_check: bool,
 }
 
 impl Instance {
@@ -34,6 +35,7 @@ impl Instance {
             status: "passing".into(),
             weights: (1, 1),
             maintenance: false,
+            no_check: false,
         }
     }
 }
@@ -166,10 +168,13 @@ impl FakeConsul {
 }
 
 fn entry_json(name: &str, i: &Instance) -> serde_json::Value {
-    let mut checks = vec![json!({
-        "Node": i.node, "CheckID": format!("service:{}", i.id), "Status": i.status,
-        "ServiceID": i.id, "ServiceName": name
-    })];
+    let mut checks = vec![];
+    if !i.no_check {
+        checks.push(json!({
+            "Node": i.node, "CheckID": format!("service:{}", i.id), "Status": i.status,
+            "ServiceID": i.id, "ServiceName": name
+        }));
+    }
     if i.maintenance {
         checks.push(json!({
             "Node": i.node, "CheckID": format!("_service_maintenance:{}", i.id),
@@ -230,7 +235,7 @@ async fn answer(state: &Mutex<State>, changed: &Notify, req: Request) -> Reply {
                         for i in insts {
                             let e = entry_json(name, i);
                             for c in e["Checks"].as_array().unwrap() {
-                                if c["Status"] == *s {
+                                if *s == "any" || c["Status"] == *s {
                                     v.push(c.clone());
                                 }
                             }
