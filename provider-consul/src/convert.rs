@@ -194,25 +194,89 @@ pub fn connect_spiffe_id(trust_domain: &str, namespace: &str, dc: &str, service:
 }
 
 /// A Consul service's part of the configuration: one [`Item`] per usable instance.
+///
+/// Kept for every watched service (10,000s of them), so stored compactly: sorted vectors rather
+/// than maps (a `BTreeMap` allocates room for 11 entries even for one).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Fragment {
-    /// The items, keyed by instance (`node/id`).
-    pub items: BTreeMap<String, Arc<Item>>,
+    /// The items, keyed by instance (`node/id`), sorted by instance.
+    pub items: Vec<(Arc<str>, Arc<Item>)>,
     /// Tag errors and unusable instances.
     pub errors: Vec<CatalogError>,
 }
 
-/// One instance's resources, ready to merge.
+impl Fragment {
+    /// The item of an instance (`node/id`).
+    pub fn item(&self, instance: &str) -> Option<&Item> {
+        self.items
+            .binary_search_by(|(k, _)| (**k).cmp(instance))
+            .ok()
+            .map(|i| &*self.items[i].1)
+    }
+}
+
+/// Resources of one kind, sorted by name.
+pub type Named<T> = Vec<(String, T)>;
+
+fn find<'a, T>(v: &'a Named<T>, name: &str) -> Option<&'a T> {
+    v.binary_search_by(|(k, _)| k.as_str().cmp(name))
+        .ok()
+        .map(|i| &v[i].1)
+}
+
+/// One instance's resources, ready to merge (each list sorted by name).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Item {
     /// Routers.
-    pub routers: BTreeMap<String, Router>,
+    pub routers: Named<Router>,
     /// Services (each load balancer holds this instance's server).
-    pub services: BTreeMap<String, Service>,
+    pub services: Named<Service>,
     /// Middlewares.
-    pub middlewares: BTreeMap<String, Middleware>,
+    pub middlewares: Named<Middleware>,
     /// Servers transports (those declared in tags, and the Connect one).
-    pub transports: BTreeMap<String, ServersTransport>,
+    pub transports: Named<ServersTransport>,
+}
+
+impl Item {
+    /// A router by name.
+    pub fn router(&self, name: &str) -> Option<&Router> {
+        find(&self.routers, name)
+    }
+
+    /// A service by name.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        find(&self.services, name)
+    }
+
+    /// A middleware by name.
+    pub fn middleware(&self, name: &str) -> Option<&Middleware> {
+        find(&self.middlewares, name)
+    }
+
+    /// A servers transport by name.
+    pub fn transport(&self, name: &str) -> Option<&ServersTransport> {
+        find(&self.transports, name)
+    }
+}
+
+/// [`Item`] while it is being built.
+#[derive(Default)]
+struct ItemBuild {
+    routers: BTreeMap<String, Router>,
+    services: BTreeMap<String, Service>,
+    middlewares: BTreeMap<String, Middleware>,
+    transports: BTreeMap<String, ServersTransport>,
+}
+
+impl ItemBuild {
+    fn finish(self) -> Item {
+        Item {
+            routers: self.routers.into_iter().collect(),
+            services: self.services.into_iter().collect(),
+            middlewares: self.middlewares.into_iter().collect(),
+            transports: self.transports.into_iter().collect(),
+        }
+    }
 }
 
 /// What the provider knows of a Connect service when converting it.
@@ -298,7 +362,8 @@ pub fn convert_service(
         }
         match build_item(input, entry, &tags, health) {
             Ok(item) => {
-                frag.items.insert(instance.clone(), Arc::new(item.0));
+                frag.items
+                    .push((Arc::from(instance.as_str()), Arc::new(item.0.finish())));
                 for (resource, message) in item.1 {
                     frag.errors.push(err(None, Some(resource), message));
                 }
@@ -306,10 +371,12 @@ pub fn convert_service(
             Err((resource, message)) => frag.errors.push(err(None, resource, message)),
         }
     }
+    frag.items.sort_by(|a, b| a.0.cmp(&b.0));
+    frag.items.dedup_by(|a, b| a.0 == b.0);
     frag
 }
 
-type ItemResult = Result<(Item, Vec<(String, String)>), (Option<String>, String)>;
+type ItemResult = Result<(ItemBuild, Vec<(String, String)>), (Option<String>, String)>;
 
 fn build_item(
     input: ServiceInput<'_>,
@@ -318,7 +385,7 @@ fn build_item(
     health: Health,
 ) -> ItemResult {
     let tcp = &tags.config.tcp;
-    let mut item = Item {
+    let mut item = ItemBuild {
         routers: tcp.routers.clone(),
         services: tcp.services.clone(),
         middlewares: tcp.middlewares.clone(),
@@ -499,23 +566,24 @@ impl Kind {
 
     fn names(self, item: &Item) -> Vec<&String> {
         match self {
-            Kind::Router => item.routers.keys().collect(),
-            Kind::Service => item.services.keys().collect(),
-            Kind::Middleware => item.middlewares.keys().collect(),
-            Kind::Transport => item.transports.keys().collect(),
+            Kind::Router => item.routers.iter().map(|(k, _)| k).collect(),
+            Kind::Service => item.services.iter().map(|(k, _)| k).collect(),
+            Kind::Middleware => item.middlewares.iter().map(|(k, _)| k).collect(),
+            Kind::Transport => item.transports.iter().map(|(k, _)| k).collect(),
         }
     }
 }
 
 /// The owner of an item: (Consul service key, instance).
-type Owner = (String, String);
+type Owner = (Arc<str>, Arc<str>);
 
 /// Keeps every Consul service's fragment and the merged configuration, recomputing only the
 /// resource names a change touches.
 #[derive(Debug, Default)]
 pub struct Merger {
-    fragments: HashMap<String, Fragment>,
-    owners: HashMap<(Kind, String), BTreeSet<Owner>>,
+    fragments: HashMap<Arc<str>, Fragment>,
+    /// Who defines each resource name, sorted (usually one to a few owners).
+    owners: HashMap<(Kind, String), Vec<Owner>>,
     merged: Dynamic,
     conflicts: BTreeMap<(Kind, String), CatalogError>,
 }
@@ -529,24 +597,31 @@ impl Merger {
     /// Replaces (or with `None` removes) the fragment of the Consul service `key`. Returns true
     /// when the merged configuration or the errors changed.
     pub fn set(&mut self, key: &str, fragment: Option<Fragment>) -> bool {
+        let key: Arc<str> = match self.fragments.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(key),
+        };
         let old = match fragment {
             Some(f) => {
-                if self.fragments.get(key) == Some(&f) {
+                if self.fragments.get(&key) == Some(&f) {
                     return false;
                 }
-                self.fragments.insert(key.to_owned(), f)
+                self.fragments.insert(key.clone(), f)
             }
-            None => self.fragments.remove(key),
+            None => self.fragments.remove(&key),
         };
         let mut touched: BTreeSet<(Kind, String)> = BTreeSet::new();
         if let Some(old) = &old {
             for (inst, item) in &old.items {
+                let owner = (key.clone(), inst.clone());
                 for kind in Kind::ALL {
                     for name in kind.names(item) {
                         let k = (kind, name.clone());
-                        if let Some(set) = self.owners.get_mut(&k) {
-                            set.remove(&(key.to_owned(), inst.clone()));
-                            if set.is_empty() {
+                        if let Some(list) = self.owners.get_mut(&k) {
+                            if let Ok(i) = list.binary_search(&owner) {
+                                list.remove(i);
+                            }
+                            if list.is_empty() {
                                 self.owners.remove(&k);
                             }
                         }
@@ -555,15 +630,16 @@ impl Merger {
                 }
             }
         }
-        if let Some(new) = self.fragments.get(key) {
+        if let Some(new) = self.fragments.get(&key) {
             for (inst, item) in &new.items {
+                let owner = (key.clone(), inst.clone());
                 for kind in Kind::ALL {
                     for name in kind.names(item) {
                         let k = (kind, name.clone());
-                        self.owners
-                            .entry(k.clone())
-                            .or_default()
-                            .insert((key.to_owned(), inst.clone()));
+                        let list = self.owners.entry(k.clone()).or_default();
+                        if let Err(i) = list.binary_search(&owner) {
+                            list.insert(i, owner.clone());
+                        }
                         touched.insert(k);
                     }
                 }
@@ -576,8 +652,8 @@ impl Merger {
     }
 
     /// The Consul services (keys) that have a fragment.
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.fragments.keys()
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.fragments.keys().map(|k| &**k)
     }
 
     /// The merged configuration.
@@ -598,20 +674,13 @@ impl Merger {
     }
 
     fn item(&self, owner: &Owner) -> Option<&Item> {
-        self.fragments
-            .get(&owner.0)
-            .and_then(|f| f.items.get(&owner.1))
-            .map(Arc::as_ref)
+        self.fragments.get(&owner.0).and_then(|f| f.item(&owner.1))
     }
 
     fn recompute(&mut self, kind: Kind, name: &str) {
         let key = (kind, name.to_owned());
         self.conflicts.remove(&key);
-        let owners: Vec<Owner> = self
-            .owners
-            .get(&key)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default();
+        let owners: Vec<Owner> = self.owners.get(&key).cloned().unwrap_or_default();
         let tcp = &mut self.merged.tcp;
         if owners.is_empty() {
             match kind {
@@ -625,12 +694,9 @@ impl Merger {
         let mut conflict: Option<(Owner, Owner)> = None;
         macro_rules! fold_equal {
             ($field:ident, $map:ident) => {{
-                let first = self
-                    .item(&owners[0])
-                    .and_then(|i| i.$field.get(name))
-                    .cloned();
+                let first = self.item(&owners[0]).and_then(|i| i.$field(name)).cloned();
                 for o in &owners[1..] {
-                    if self.item(o).and_then(|i| i.$field.get(name)) != first.as_ref() {
+                    if self.item(o).and_then(|i| i.$field(name)) != first.as_ref() {
                         conflict = Some((owners[0].clone(), o.clone()));
                         break;
                     }
@@ -646,14 +712,14 @@ impl Merger {
             }};
         }
         match kind {
-            Kind::Router => fold_equal!(routers, routers),
-            Kind::Middleware => fold_equal!(middlewares, middlewares),
-            Kind::Transport => fold_equal!(transports, servers_transports),
+            Kind::Router => fold_equal!(router, routers),
+            Kind::Middleware => fold_equal!(middleware, middlewares),
+            Kind::Transport => fold_equal!(transport, servers_transports),
             Kind::Service => {
                 let mut acc: Option<Service> = None;
                 let mut seen = BTreeSet::new();
                 for o in &owners {
-                    let Some(s) = self.item(o).and_then(|i| i.services.get(name)) else {
+                    let Some(s) = self.item(o).and_then(|i| i.service(name)) else {
                         continue;
                     };
                     match &mut acc {
@@ -690,18 +756,18 @@ impl Merger {
             }
         }
         if let Some((a, b)) = conflict {
-            let services: BTreeSet<&str> = owners.iter().map(|o| o.0.as_str()).collect();
+            let services: BTreeSet<&str> = owners.iter().map(|o| &*o.0).collect();
             let service = services.into_iter().collect::<Vec<_>>().join(", ");
             self.conflicts.insert(
                 key,
                 CatalogError {
                     service,
-                    instance: Some(b.1.clone()),
+                    instance: Some(b.1.to_string()),
                     tag: None,
                     resource: Some(format!("{}.{name}", kind.section())),
                     message: format!(
                         "defined differently by instances {:?} and {:?}: the resource is skipped until their tags agree",
-                        a.1, b.1
+                        &*a.1, &*b.1
                     ),
                 },
             );
@@ -1026,7 +1092,7 @@ mod tests {
             entry("b", "10.1.0.2", 1, &["canary", "r2=x"], "passing"),
         ];
         let frag = convert(&entries, &settings());
-        let canary_item = &frag.items["node1/b"];
+        let canary_item = frag.item("node1/b").unwrap();
         assert!(canary_item.services.is_empty(), "no tcp tags on b: not TCP");
         let entries = [
             entry("a", "10.1.0.1", 1, &["r=db"], "passing"),
@@ -1245,8 +1311,8 @@ mod tests {
     fn merger_updates_incrementally_and_removes() {
         let mut m = Merger::new();
         let one = |addr: &str, rule: &str| Fragment {
-            items: [(
-                "n/a".to_string(),
+            items: vec![(
+                Arc::from("n/a"),
                 Arc::new(Item {
                     routers: [(
                         "shared".to_string(),
@@ -1273,8 +1339,7 @@ mod tests {
                     .into(),
                     ..Default::default()
                 }),
-            )]
-            .into(),
+            )],
             errors: vec![],
         };
         assert!(m.set("a", Some(one("10.0.0.1:1", "HostSNI(`x`)"))));
@@ -1465,11 +1530,11 @@ mod connect_proxy_tests {
             &decode_tags,
         );
         assert!(frag.errors.is_empty(), "{:?}", frag.errors);
-        let item = &frag.items["n1/db-sidecar"];
-        let lb = item.services["db"].load_balancer.as_ref().unwrap();
+        let item = frag.item("n1/db-sidecar").unwrap();
+        let lb = item.service("db").unwrap().load_balancer.as_ref().unwrap();
         assert!(lb.proxy_protocol.is_none(), "moved to the transport");
         assert_eq!(lb.servers[0].address, "10.0.0.1:21000");
-        let t = &item.transports["connect-db"];
+        let t = item.transport("connect-db").unwrap();
         let pp = t.proxy_protocol.as_ref().unwrap();
         assert_eq!((pp.version, pp.inside_tls), (1, true));
         assert_eq!(

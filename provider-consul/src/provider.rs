@@ -443,13 +443,13 @@ enum Event {
         /// `None`: a Connect service waiting for the Connect identity.
         fragment: Option<Fragment>,
         nodes: Vec<String>,
-        /// Instances with at least one service check, as `(node, service id)`.
-        checked: BTreeSet<(String, String)>,
+        /// Instances with at least one service check, as `(node, service id)`, sorted.
+        checked: Vec<(String, String)>,
     },
     Census {
         ns: Option<String>,
-        /// Service name → its instances with a service check, as `(node, service id)`.
-        by_service: HashMap<String, BTreeSet<(String, String)>>,
+        /// Service name → its instances with a service check, as `(node, service id)`, sorted.
+        by_service: HashMap<String, Vec<(String, String)>>,
     },
     CensusFailed {
         ns: Option<String>,
@@ -506,7 +506,7 @@ struct Coordinator {
     pending: HashSet<Key>,
     waiting_identity: HashSet<Key>,
     last_changed: HashMap<Key, Instant>,
-    checked: HashMap<Key, BTreeSet<(String, String)>>,
+    checked: HashMap<Key, Vec<(String, String)>>,
     census_tx: HashMap<Option<String>, watch::Sender<u64>>,
     census_sweep: HashSet<Option<String>>,
     nodes: HashMap<Key, Vec<String>>,
@@ -833,7 +833,7 @@ impl Coordinator {
         generation: u64,
         fragment: Option<Fragment>,
         nodes: Vec<String>,
-        checked: BTreeSet<(String, String)>,
+        checked: Vec<(String, String)>,
     ) {
         if self.watched.get(&key).map(|w| w.generation) != Some(generation) {
             return;
@@ -903,9 +903,9 @@ impl Coordinator {
     fn on_census(
         &mut self,
         ns: Option<String>,
-        by_service: HashMap<String, BTreeSet<(String, String)>>,
+        by_service: HashMap<String, Vec<(String, String)>>,
     ) {
-        let empty = BTreeSet::new();
+        let empty = Vec::new();
         let mut kicked = 0usize;
         for (key, w) in &self.watched {
             if key.ns != ns {
@@ -983,14 +983,10 @@ impl Coordinator {
 
     fn publish(&mut self) {
         self.dirty_since = None;
-        let config = Arc::new(self.merger.merged().clone());
-        self.config_tx.send_if_modified(|cur| {
-            if **cur == *config {
-                return false;
-            }
-            *cur = config;
-            true
-        });
+        // Only called when a fragment changed the merge (or at the first sync): no deep
+        // comparison of the previous configuration (20 ms at 10,000 services).
+        self.config_tx
+            .send_replace(Arc::new(self.merger.merged().clone()));
         let errors = self.merger.errors();
         let now: BTreeSet<CatalogError> = errors.iter().cloned().collect();
         for e in now.difference(&self.published_errors) {
@@ -1174,14 +1170,18 @@ async fn census_task(sh: Arc<Shared>, ns: Option<String>, mut trigger: watch::Re
         };
         let ev = match r {
             Ok(checks) => {
-                let mut by_service: HashMap<String, BTreeSet<(String, String)>> = HashMap::new();
+                let mut by_service: HashMap<String, Vec<(String, String)>> = HashMap::new();
                 for c in checks.into_iter().flatten() {
                     if !c.service_id.is_empty() {
                         by_service
                             .entry(c.service_name)
                             .or_default()
-                            .insert((c.node, c.service_id));
+                            .push((c.node, c.service_id));
                     }
+                }
+                for v in by_service.values_mut() {
+                    v.sort_unstable();
+                    v.dedup();
                 }
                 b.reset();
                 Event::Census {
@@ -1249,43 +1249,51 @@ async fn service_task(
                 }
                 r = identity.changed(), if connect => {
                     if r.is_err() { return; }
-                    if !send_fragment(&sh, &key, generation, connect, entries.as_deref().unwrap_or(&[]), &identity).await {
+                    if !Box::pin(send_fragment(&sh, &key, generation, connect, entries.as_deref().unwrap_or(&[]), &identity)).await {
                         return;
                     }
                     continue;
                 }
             }
         }
+        // The request futures are boxed: 10,000 idle watches then hold only their small state.
         let r = if long_poll {
             tokio::select! {
-                r = async {
+                r = Box::pin(async {
                     b.pace().await;
                     let _permit = sh.long_permits.acquire().await;
                     b.query::<Vec<ServiceEntry>>(&sh.client, &segs, ns, true).await
-                } => r,
+                }) => r,
                 r = mode.changed() => {
                     if r.is_err() { return; }
                     continue;
                 }
                 r = identity.changed(), if connect => {
                     if r.is_err() { return; }
-                    if !send_fragment(&sh, &key, generation, connect, entries.as_deref().unwrap_or(&[]), &identity).await {
+                    if !Box::pin(send_fragment(&sh, &key, generation, connect, entries.as_deref().unwrap_or(&[]), &identity)).await {
                         return;
                     }
                     continue;
                 }
             }
         } else {
-            b.pace().await;
-            let _permit = sh.fetch_permits.acquire().await;
-            b.query::<Vec<ServiceEntry>>(&sh.client, &segs, ns, false)
-                .await
+            Box::pin(async {
+                b.pace().await;
+                let _permit = sh.fetch_permits.acquire().await;
+                b.query::<Vec<ServiceEntry>>(&sh.client, &segs, ns, false)
+                    .await
+            })
+            .await
         };
         match r {
             Ok(Some(new)) => {
                 fetched = true;
                 failing = false;
-                if !send_fragment(&sh, &key, generation, connect, &new, &identity).await {
+                if !Box::pin(send_fragment(
+                    &sh, &key, generation, connect, &new, &identity,
+                ))
+                .await
+                {
                     return;
                 }
                 if connect {
@@ -1333,11 +1341,13 @@ async fn send_fragment(
     let mut nodes: Vec<String> = entries.iter().map(|e| e.node.node.clone()).collect();
     nodes.sort_unstable();
     nodes.dedup();
-    let checked: BTreeSet<(String, String)> = entries
+    let mut checked: Vec<(String, String)> = entries
         .iter()
         .filter(|e| e.checks.iter().any(|c| !c.service_id.is_empty()))
         .map(|e| (e.node.node.clone(), e.service.id.clone()))
         .collect();
+    checked.sort_unstable();
+    checked.dedup();
     let id = if connect {
         identity.borrow().clone()
     } else {
