@@ -225,16 +225,22 @@ fn find<'a, T>(v: &'a Named<T>, name: &str) -> Option<&'a T> {
 }
 
 /// One instance's resources, ready to merge (each list sorted by name).
+///
+/// Instances of a service are usually tagged alike: their lists are shared (one allocation per
+/// distinct definition in a fragment) and only the server differs from one item to the next.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Item {
     /// Routers.
-    pub routers: Named<Router>,
-    /// Services (each load balancer holds this instance's server).
-    pub services: Named<Service>,
+    pub routers: Arc<Named<Router>>,
+    /// Services, their load balancers **without servers**.
+    pub services: Arc<Named<Service>>,
+    /// This instance's server for each of `services` (same order; `None` for a weighted
+    /// service).
+    pub servers: Vec<Option<Server>>,
     /// Middlewares.
-    pub middlewares: Named<Middleware>,
+    pub middlewares: Arc<Named<Middleware>>,
     /// Servers transports (those declared in tags, and the Connect one).
-    pub transports: Named<ServersTransport>,
+    pub transports: Arc<Named<ServersTransport>>,
 }
 
 impl Item {
@@ -243,9 +249,16 @@ impl Item {
         find(&self.routers, name)
     }
 
-    /// A service by name.
-    pub fn service(&self, name: &str) -> Option<&Service> {
-        find(&self.services, name)
+    /// A service by name (without servers) and this instance's server for it.
+    pub fn service(&self, name: &str) -> Option<(&Service, Option<&Server>)> {
+        let i = self
+            .services
+            .binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .ok()?;
+        Some((
+            &self.services[i].1,
+            self.servers.get(i).and_then(Option::as_ref),
+        ))
     }
 
     /// A middleware by name.
@@ -259,6 +272,24 @@ impl Item {
     }
 }
 
+/// Shares equal lists between the items of a fragment.
+#[derive(Default)]
+struct Interner {
+    routers: Vec<Arc<Named<Router>>>,
+    services: Vec<Arc<Named<Service>>>,
+    middlewares: Vec<Arc<Named<Middleware>>>,
+    transports: Vec<Arc<Named<ServersTransport>>>,
+}
+
+fn intern<T: PartialEq>(pool: &mut Vec<Arc<Named<T>>>, v: Named<T>) -> Arc<Named<T>> {
+    if let Some(a) = pool.iter().find(|a| ***a == v) {
+        return a.clone();
+    }
+    let a = Arc::new(v);
+    pool.push(a.clone());
+    a
+}
+
 /// [`Item`] while it is being built.
 #[derive(Default)]
 struct ItemBuild {
@@ -269,12 +300,29 @@ struct ItemBuild {
 }
 
 impl ItemBuild {
-    fn finish(self) -> Item {
+    fn finish(self, pool: &mut Interner) -> Item {
+        let mut servers = Vec::with_capacity(self.services.len());
+        let services: Named<Service> = self
+            .services
+            .into_iter()
+            .map(|(name, mut svc)| {
+                servers.push(
+                    svc.load_balancer
+                        .as_mut()
+                        .and_then(|lb| std::mem::take(&mut lb.servers).into_iter().next()),
+                );
+                (name, svc)
+            })
+            .collect();
         Item {
-            routers: self.routers.into_iter().collect(),
-            services: self.services.into_iter().collect(),
-            middlewares: self.middlewares.into_iter().collect(),
-            transports: self.transports.into_iter().collect(),
+            routers: intern(&mut pool.routers, self.routers.into_iter().collect()),
+            services: intern(&mut pool.services, services),
+            servers,
+            middlewares: intern(
+                &mut pool.middlewares,
+                self.middlewares.into_iter().collect(),
+            ),
+            transports: intern(&mut pool.transports, self.transports.into_iter().collect()),
         }
     }
 }
@@ -311,6 +359,7 @@ pub fn convert_service(
     let mut frag = Fragment::default();
     // Instances of a service usually share their tags: decode each distinct set once.
     let mut decoded: HashMap<&[String], Arc<InstanceTags>> = HashMap::new();
+    let mut pool = Interner::default();
     for entry in input.entries {
         let instance = format!("{}/{}", entry.node.node, entry.service.id);
         let err = |tag: Option<String>, resource: Option<String>, message: String| CatalogError {
@@ -362,8 +411,10 @@ pub fn convert_service(
         }
         match build_item(input, entry, &tags, health) {
             Ok(item) => {
-                frag.items
-                    .push((Arc::from(instance.as_str()), Arc::new(item.0.finish())));
+                frag.items.push((
+                    Arc::from(instance.as_str()),
+                    Arc::new(item.0.finish(&mut pool)),
+                ));
                 for (resource, message) in item.1 {
                     frag.errors.push(err(None, Some(resource), message));
                 }
@@ -584,7 +635,9 @@ pub struct Merger {
     fragments: HashMap<Arc<str>, Fragment>,
     /// Who defines each resource name, sorted (usually one to a few owners).
     owners: HashMap<(Kind, String), Vec<Owner>>,
-    merged: Dynamic,
+    /// Shared with the last published snapshot; cloned on the first change after a publication
+    /// (so only one copy is kept at rest).
+    merged: Arc<Dynamic>,
     conflicts: BTreeMap<(Kind, String), CatalogError>,
 }
 
@@ -661,6 +714,11 @@ impl Merger {
         &self.merged
     }
 
+    /// The merged configuration, to publish (no copy: the next change copies it once).
+    pub fn snapshot(&self) -> Arc<Dynamic> {
+        self.merged.clone()
+    }
+
     /// Every current problem: tag errors, unusable instances, conflicting definitions.
     pub fn errors(&self) -> Vec<CatalogError> {
         let mut out: Vec<CatalogError> = self
@@ -681,8 +739,8 @@ impl Merger {
         let key = (kind, name.to_owned());
         self.conflicts.remove(&key);
         let owners: Vec<Owner> = self.owners.get(&key).cloned().unwrap_or_default();
-        let tcp = &mut self.merged.tcp;
         if owners.is_empty() {
+            let tcp = &mut Arc::make_mut(&mut self.merged).tcp;
             match kind {
                 Kind::Router => tcp.routers.remove(name).map(drop),
                 Kind::Service => tcp.services.remove(name).map(drop),
@@ -701,12 +759,13 @@ impl Merger {
                         break;
                     }
                 }
+                let tcp = &mut Arc::make_mut(&mut self.merged).tcp;
                 match (first, &conflict) {
                     (Some(v), None) => {
-                        self.merged.tcp.$map.insert(name.to_owned(), v);
+                        tcp.$map.insert(name.to_owned(), v);
                     }
                     _ => {
-                        self.merged.tcp.$map.remove(name);
+                        tcp.$map.remove(name);
                     }
                 }
             }};
@@ -717,40 +776,37 @@ impl Merger {
             Kind::Transport => fold_equal!(transport, servers_transports),
             Kind::Service => {
                 let mut acc: Option<Service> = None;
+                let mut template: Option<&Service> = None;
                 let mut seen = BTreeSet::new();
                 for o in &owners {
-                    let Some(s) = self.item(o).and_then(|i| i.service(name)) else {
+                    let Some((s, server)) = self.item(o).and_then(|i| i.service(name)) else {
                         continue;
                     };
-                    match &mut acc {
+                    match template {
                         None => {
-                            if let Some(lb) = &s.load_balancer {
-                                seen.extend(lb.servers.iter().map(|x| x.address.clone()));
-                            }
+                            template = Some(s);
                             acc = Some(s.clone());
                         }
-                        Some(a) => {
-                            if !mergeable(a, s) {
-                                conflict = Some((owners[0].clone(), o.clone()));
-                                break;
-                            }
-                            if let (Some(alb), Some(slb)) = (&mut a.load_balancer, &s.load_balancer)
-                            {
-                                for srv in &slb.servers {
-                                    if seen.insert(srv.address.clone()) {
-                                        alb.servers.push(srv.clone());
-                                    }
-                                }
-                            }
+                        Some(t) if !std::ptr::eq(t, s) && t != s => {
+                            conflict = Some((owners[0].clone(), o.clone()));
+                            break;
                         }
+                        Some(_) => {}
+                    }
+                    if let (Some(a), Some(server)) = (&mut acc, server)
+                        && let Some(lb) = &mut a.load_balancer
+                        && seen.insert(server.address.as_str())
+                    {
+                        lb.servers.push(server.clone());
                     }
                 }
+                let tcp = &mut Arc::make_mut(&mut self.merged).tcp;
                 match (acc, &conflict) {
                     (Some(v), None) => {
-                        self.merged.tcp.services.insert(name.to_owned(), v);
+                        tcp.services.insert(name.to_owned(), v);
                     }
                     _ => {
-                        self.merged.tcp.services.remove(name);
+                        tcp.services.remove(name);
                     }
                 }
             }
@@ -773,18 +829,6 @@ impl Merger {
             );
         }
     }
-}
-
-/// Two definitions of one service can be merged when they differ only by their servers.
-fn mergeable(a: &Service, b: &Service) -> bool {
-    let strip = |s: &Service| {
-        let mut s = s.clone();
-        if let Some(lb) = &mut s.load_balancer {
-            lb.servers.clear();
-        }
-        s
-    };
-    strip(a) == strip(b)
 }
 
 #[cfg(test)]
@@ -1314,29 +1358,25 @@ mod tests {
             items: vec![(
                 Arc::from("n/a"),
                 Arc::new(Item {
-                    routers: [(
+                    routers: Arc::new(vec![(
                         "shared".to_string(),
                         Router {
                             rule: rule.into(),
                             service: "s".into(),
                             ..Default::default()
                         },
-                    )]
-                    .into(),
-                    services: [(
+                    )]),
+                    services: Arc::new(vec![(
                         "s".to_string(),
                         Service {
-                            load_balancer: Some(LoadBalancer {
-                                servers: vec![Server {
-                                    address: addr.into(),
-                                    ..Default::default()
-                                }],
-                                ..Default::default()
-                            }),
+                            load_balancer: Some(LoadBalancer::default()),
                             weighted: None,
                         },
-                    )]
-                    .into(),
+                    )]),
+                    servers: vec![Some(Server {
+                        address: addr.into(),
+                        ..Default::default()
+                    })],
                     ..Default::default()
                 }),
             )],
@@ -1531,9 +1571,10 @@ mod connect_proxy_tests {
         );
         assert!(frag.errors.is_empty(), "{:?}", frag.errors);
         let item = frag.item("n1/db-sidecar").unwrap();
-        let lb = item.service("db").unwrap().load_balancer.as_ref().unwrap();
+        let (svc, server) = item.service("db").unwrap();
+        let lb = svc.load_balancer.as_ref().unwrap();
         assert!(lb.proxy_protocol.is_none(), "moved to the transport");
-        assert_eq!(lb.servers[0].address, "10.0.0.1:21000");
+        assert_eq!(server.unwrap().address, "10.0.0.1:21000");
         let t = item.transport("connect-db").unwrap();
         let pp = t.proxy_protocol.as_ref().unwrap();
         assert_eq!((pp.version, pp.inside_tls), (1, true));

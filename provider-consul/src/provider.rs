@@ -985,8 +985,7 @@ impl Coordinator {
         self.dirty_since = None;
         // Only called when a fragment changed the merge (or at the first sync): no deep
         // comparison of the previous configuration (20 ms at 10,000 services).
-        self.config_tx
-            .send_replace(Arc::new(self.merger.merged().clone()));
+        self.config_tx.send_replace(self.merger.snapshot());
         let errors = self.merger.errors();
         let now: BTreeSet<CatalogError> = errors.iter().cloned().collect();
         for e in now.difference(&self.published_errors) {
