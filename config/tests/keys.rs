@@ -143,7 +143,13 @@ gracePeriod = "1m"
     assert_eq!(t.dial_timeout, Duration::from_secs(5));
     assert_eq!(t.dial_keep_alive, Duration::from_secs(-1));
     assert_eq!(t.termination_delay, Duration::from_secs(-1));
-    assert_eq!(t.proxy_protocol, Some(ProxyProtocol { version: 1 }));
+    assert_eq!(
+        t.proxy_protocol,
+        Some(ProxyProtocol {
+            version: 1,
+            ..Default::default()
+        })
+    );
     let tls = t.tls.as_ref().unwrap();
     assert_eq!(tls.server_name.as_deref(), Some("backend"));
     assert_eq!(tls.root_cas, [FileOrContent::from(base.join("ca.pem"))]);
@@ -363,7 +369,13 @@ tls:
     assert_eq!(hc.interval(), Duration::from_secs(10));
     assert_eq!(hc.unhealthy_interval(), Duration::from_secs(1));
     assert_eq!(hc.timeout(), Duration::from_secs(2));
-    assert_eq!(lb.proxy_protocol, Some(ProxyProtocol { version: 1 }));
+    assert_eq!(
+        lb.proxy_protocol,
+        Some(ProxyProtocol {
+            version: 1,
+            ..Default::default()
+        })
+    );
     assert_eq!(lb.termination_delay, Some(-1));
     let w = d.tcp.services["w"].weighted.as_ref().unwrap();
     assert_eq!(w.services[0].weight(), 0);
@@ -388,7 +400,13 @@ tls:
     assert_eq!(t.dial_timeout, Duration::ZERO);
     assert_eq!(t.dial_keep_alive, Duration::ZERO);
     assert_eq!(t.termination_delay, Duration::from_secs(5400));
-    assert_eq!(t.proxy_protocol, Some(ProxyProtocol { version: 2 }));
+    assert_eq!(
+        t.proxy_protocol,
+        Some(ProxyProtocol {
+            version: 2,
+            ..Default::default()
+        })
+    );
     let tls = t.tls.as_ref().unwrap();
     assert_eq!(tls.server_name.as_deref(), Some("db"));
     assert_eq!(
@@ -456,4 +474,29 @@ fn dynamic_defaults() {
     assert_eq!(hc.unhealthy_interval(), Duration::from_secs(30));
     assert_eq!(hc.timeout(), Duration::from_secs(5));
     assert_eq!(hc.port, None);
+}
+
+#[test]
+fn proxy_protocol_inside_tls_extension() {
+    let d = load_dynamic_str(
+        "[tcp.serversTransports.connect.proxyProtocol]\nversion = 1\ninsidetls = true\n",
+        Format::Toml,
+        "inline.toml",
+    )
+    .unwrap();
+    let pp = d.tcp.servers_transports["connect"]
+        .proxy_protocol
+        .as_ref()
+        .unwrap();
+    assert_eq!((pp.version, pp.inside_tls), (1, true));
+    let tags = tags::decode(
+        "traefik",
+        &["traefik.tcp.serversTransports.c.proxyProtocol.insideTLS=true"],
+    );
+    assert!(tags.errors.is_empty(), "{:?}", tags.errors);
+    let pp = tags.config.tcp.servers_transports["c"]
+        .proxy_protocol
+        .as_ref()
+        .unwrap();
+    assert_eq!((pp.version, pp.inside_tls), (2, true));
 }
