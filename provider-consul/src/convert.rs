@@ -173,6 +173,9 @@ pub fn default_service_name(consul_name: &str, tags: &[String], canary: bool) ->
     ))
 }
 
+/// The provider that unqualified references to resources no Consul service defines go to.
+pub const FILE_PROVIDER: &str = "file";
+
 /// The prefix of transports the provider adds for Consul Connect services.
 pub const CONNECT_TRANSPORT_PREFIX: &str = "connect-";
 
@@ -698,10 +701,109 @@ impl Merger {
                 }
             }
         }
+        let mut appeared_or_gone = Vec::new();
         for (kind, name) in touched {
+            let had = self.defines(kind, &name);
             self.recompute(kind, &name);
+            if had != self.defines(kind, &name) && kind != Kind::Router {
+                appeared_or_gone.push((kind, name));
+            }
+        }
+        // References to a name that appeared or disappeared resolve differently now.
+        for (kind, name) in appeared_or_gone {
+            for (k, n) in self.referencing(kind, &name) {
+                self.recompute(k, &n);
+            }
         }
         true
+    }
+
+    fn defines(&self, kind: Kind, name: &str) -> bool {
+        let tcp = &self.merged.tcp;
+        match kind {
+            Kind::Router => tcp.routers.contains_key(name),
+            Kind::Service => tcp.services.contains_key(name),
+            Kind::Middleware => tcp.middlewares.contains_key(name),
+            Kind::Transport => tcp.servers_transports.contains_key(name),
+        }
+    }
+
+    /// Routers and services of the merged configuration that reference `name` of `kind` without
+    /// a provider (as written, or as resolved to the file provider's).
+    fn referencing(&self, kind: Kind, name: &str) -> Vec<(Kind, String)> {
+        let foreign = format!("{name}@{FILE_PROVIDER}");
+        let hit = |r: &str| r == name || r == foreign;
+        let tcp = &self.merged.tcp;
+        let mut out = Vec::new();
+        match kind {
+            Kind::Service | Kind::Middleware => {
+                for (rn, r) in &tcp.routers {
+                    let refers = match kind {
+                        Kind::Service => hit(&r.service),
+                        _ => r.middlewares.iter().any(|m| hit(m)),
+                    };
+                    if refers {
+                        out.push((Kind::Router, rn.clone()));
+                    }
+                }
+            }
+            Kind::Transport | Kind::Router => {}
+        }
+        if matches!(kind, Kind::Service | Kind::Transport) {
+            for (sn, s) in &tcp.services {
+                let refers = match kind {
+                    Kind::Transport => s
+                        .load_balancer
+                        .as_ref()
+                        .and_then(|lb| lb.servers_transport.as_deref())
+                        .is_some_and(hit),
+                    _ => s
+                        .weighted
+                        .as_ref()
+                        .is_some_and(|w| w.services.iter().any(|x| hit(&x.name))),
+                };
+                if refers {
+                    out.push((Kind::Service, sn.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// An unqualified reference to a resource no Consul service defines means the file
+    /// provider's: the seeds' ``…loadBalancer.serversTransport=mytransport`` with `mytransport`
+    /// in a file works as written.
+    fn resolve(&self, kind: Kind, reference: &mut String) {
+        if reference.is_empty()
+            || reference.contains('@')
+            || self.owners.contains_key(&(kind, reference.clone()))
+        {
+            return;
+        }
+        reference.push('@');
+        reference.push_str(FILE_PROVIDER);
+    }
+
+    fn resolve_router(&self, r: &mut Router) {
+        self.resolve(Kind::Service, &mut r.service);
+        for m in &mut r.middlewares {
+            self.resolve(Kind::Middleware, m);
+        }
+    }
+
+    fn resolve_service(&self, s: &mut Service) {
+        if let Some(t) = s
+            .load_balancer
+            .as_mut()
+            .and_then(|lb| lb.servers_transport.as_mut())
+        {
+            self.resolve(Kind::Transport, t);
+        }
+        if let Some(w) = &mut s.weighted {
+            for x in &mut w.services {
+                self.resolve(Kind::Service, &mut x.name);
+            }
+        }
     }
 
     /// The Consul services (keys) that have a fragment.
@@ -751,7 +853,7 @@ impl Merger {
         }
         let mut conflict: Option<(Owner, Owner)> = None;
         macro_rules! fold_equal {
-            ($field:ident, $map:ident) => {{
+            ($field:ident, $map:ident, $fix:expr) => {{
                 let first = self.item(&owners[0]).and_then(|i| i.$field(name)).cloned();
                 for o in &owners[1..] {
                     if self.item(o).and_then(|i| i.$field(name)) != first.as_ref() {
@@ -759,6 +861,10 @@ impl Merger {
                         break;
                     }
                 }
+                let first = first.map(|mut v| {
+                    $fix(&*self, &mut v);
+                    v
+                });
                 let tcp = &mut Arc::make_mut(&mut self.merged).tcp;
                 match (first, &conflict) {
                     (Some(v), None) => {
@@ -771,9 +877,17 @@ impl Merger {
             }};
         }
         match kind {
-            Kind::Router => fold_equal!(router, routers),
-            Kind::Middleware => fold_equal!(middleware, middlewares),
-            Kind::Transport => fold_equal!(transport, servers_transports),
+            Kind::Router => fold_equal!(router, routers, Merger::resolve_router),
+            Kind::Middleware => {
+                fold_equal!(middleware, middlewares, |_: &Merger, _: &mut Middleware| {})
+            }
+            Kind::Transport => {
+                fold_equal!(
+                    transport,
+                    servers_transports,
+                    |_: &Merger, _: &mut ServersTransport| {}
+                )
+            }
             Kind::Service => {
                 let mut acc: Option<Service> = None;
                 let mut template: Option<&Service> = None;
@@ -800,6 +914,10 @@ impl Merger {
                         lb.servers.push(server.clone());
                     }
                 }
+                let acc = acc.map(|mut v| {
+                    self.resolve_service(&mut v);
+                    v
+                });
                 let tcp = &mut Arc::make_mut(&mut self.merged).tcp;
                 match (acc, &conflict) {
                     (Some(v), None) => {
@@ -1291,6 +1409,60 @@ mod tests {
     }
 
     #[test]
+    fn references_to_resources_no_consul_service_defines_go_to_the_file_provider() {
+        let (d, errors) = merged(convert(
+            &[entry(
+                "a",
+                "10.1.0.1",
+                1,
+                &["r=db", "transport=mytransport"],
+                "passing",
+            )],
+            &settings(),
+        ));
+        assert!(errors.is_empty(), "{errors:?}");
+        let lb = d.tcp.services["svc"].load_balancer.as_ref().unwrap();
+        assert_eq!(lb.servers_transport.as_deref(), Some("mytransport@file"));
+        assert_eq!(
+            d.tcp.routers["db"].service, "svc",
+            "defined here: unqualified"
+        );
+
+        // Once a Consul service defines the transport, the reference is its.
+        let mut m = Merger::new();
+        m.set(
+            "web",
+            Some(convert(
+                &[entry(
+                    "a",
+                    "10.1.0.1",
+                    1,
+                    &["r=db", "transport=mytransport"],
+                    "passing",
+                )],
+                &settings(),
+            )),
+        );
+        let mut other = convert(&[entry("b", "10.1.0.2", 1, &[], "passing")], &settings());
+        other.items[0].1 = Arc::new(Item {
+            transports: Arc::new(vec![("mytransport".into(), ServersTransport::default())]),
+            ..Default::default()
+        });
+        m.set("other", Some(other));
+        let lb = m.merged().tcp.services["svc"]
+            .load_balancer
+            .clone()
+            .unwrap();
+        assert_eq!(lb.servers_transport.as_deref(), Some("mytransport"));
+        m.set("other", None);
+        let lb = m.merged().tcp.services["svc"]
+            .load_balancer
+            .clone()
+            .unwrap();
+        assert_eq!(lb.servers_transport.as_deref(), Some("mytransport@file"));
+    }
+
+    #[test]
     fn weighted_services_get_no_servers() {
         let (d, errors) = merged(convert(
             &[entry(
@@ -1488,7 +1660,11 @@ mod real_decoder_tests {
         assert_eq!(r.service, "Service01");
         assert_eq!(r.entry_points, ["postgres"]);
         let lb = d.tcp.services["Service01"].load_balancer.as_ref().unwrap();
-        assert_eq!(lb.servers_transport.as_deref(), Some("mytransport"));
+        assert_eq!(
+            lb.servers_transport.as_deref(),
+            Some("mytransport@file"),
+            "no Consul service defines it: the file provider's"
+        );
         let servers: Vec<(&str, i64)> = lb
             .servers
             .iter()
