@@ -14,7 +14,6 @@ use tagway_config::{Dynamic, LoadBalancer, Rule, StaticConfig};
 use crate::balancer::{Balancer, Peer, ServerState, ServiceInfo};
 use crate::dial::{Transport, Transports};
 use crate::health::{CheckSpec, HealthChecks};
-use crate::metrics::Counters;
 use crate::middleware::{InFlightConn, IpAllowList, Middleware};
 use crate::router::{EntryTable, Route, TlsMode};
 
@@ -184,7 +183,11 @@ impl Ctx<'_> {
             transport: Some(transport),
             proxy_protocol,
             termination_delay,
-            counters: Counters::default(),
+            counters: self
+                .prev
+                .and_then(|p| p.services.get(name))
+                .map(|b| b.service.counters.clone())
+                .unwrap_or_default(),
         });
         Ok(Arc::new(Balancer::with_service(
             servers
@@ -381,7 +384,11 @@ fn compile_router(
         tls,
         middlewares: chain,
         service,
-        counters: Counters::default(),
+        counters: cx
+            .prev
+            .and_then(|p| p.routers.get(name))
+            .map(|r| r.counters.clone())
+            .unwrap_or_default(),
     }))
 }
 
