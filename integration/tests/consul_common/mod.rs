@@ -104,7 +104,7 @@ pub async fn start(
         file_handle = Some(h);
     }
     let st = Arc::new(st);
-    let merged = tagway::cli::run::combine(st.clone(), sources);
+    let merged = tagway::cli::run::combine(st.clone(), sources, None);
     let mut gateway = Gateway::new((*st).clone());
     gateway.bind().expect("bind");
     let addr = gateway.local_addr("tcp").expect("entry point");
