@@ -25,9 +25,12 @@ use tokio::sync::watch;
 
 /// An mTLS backend presenting a Connect leaf, requiring a client certificate from the CA roots,
 /// recording the client's URI SAN and (optionally) the PROXY line read inside TLS.
+/// Per connection: the client's URI SAN and the PROXY line read inside TLS.
+type Seen = Arc<Mutex<Vec<(Option<String>, Option<String>)>>>;
+
 struct TlsBackend {
     addr: std::net::SocketAddr,
-    seen: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+    seen: Seen,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -178,7 +181,10 @@ async fn connect_mtls_with_the_exact_spiffe_id_rotation_and_proxy_inside_tls() {
     assert!(server.tls);
     let tcfg: ServersTransport = d.tcp.servers_transports["connect-db"].clone();
     let want = catalog.spiffe_id("db");
-    assert_eq!(tcfg.spiffe.as_ref().unwrap().ids, [want.clone()]);
+    assert_eq!(
+        tcfg.spiffe.as_ref().unwrap().ids,
+        std::slice::from_ref(&want)
+    );
     let pp = tcfg.proxy_protocol.clone().unwrap();
     assert!(pp.inside_tls && pp.version == 1);
     // The gateway's leaf and the roots were pushed to the identity source.
