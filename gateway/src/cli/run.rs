@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tagway_config::{Dynamic, LogFormat, StaticConfig, Validated, load_static, merge, validate};
+use tagway_provider_consul::ConsulProvider;
+use tagway_transport::{IdentitySource, SourceKind};
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
 
@@ -43,6 +45,14 @@ pub struct Providers {
     /// Merged and validated configurations; the current value is always usable.
     pub config: watch::Receiver<Arc<Dynamic>>,
     file: Option<FileProviderHandle>,
+    consul: Option<tagway_provider_consul::Running>,
+}
+
+impl Providers {
+    /// The Consul provider's state (for `/ready` and the admin API), when it runs.
+    pub fn consul(&self) -> Option<&tagway_provider_consul::Running> {
+        self.consul.as_ref()
+    }
 }
 
 impl Providers {
@@ -78,11 +88,43 @@ pub fn combine(
     sources: Vec<(String, watch::Receiver<Arc<Dynamic>>)>,
     obs: Option<Observability>,
 ) -> watch::Receiver<Arc<Dynamic>> {
+    let sources = sources
+        .into_iter()
+        .map(|(name, rx)| Source {
+            name,
+            rx,
+            delivered: true,
+        })
+        .collect();
+    combine_sources(st, sources, obs)
+}
+
+/// One provider's output channel, for [`combine_sources`].
+#[derive(Debug)]
+pub struct Source {
+    /// Provider name (`file`, `consulcatalog`): resources become `name@provider`.
+    pub name: String,
+    /// The provider's own (unmerged) configurations.
+    pub rx: watch::Receiver<Arc<Dynamic>>,
+    /// True when the channel's current value is already a delivery (the file provider loads before
+    /// it returns); false when it is a placeholder and the first change is the first delivery (the
+    /// Consul provider before its first sync), which is what `/ready` waits for.
+    pub delivered: bool,
+}
+
+/// [`combine`] with sources whose first value may be a placeholder.
+pub fn combine_sources(
+    st: Arc<StaticConfig>,
+    sources: Vec<Source>,
+    obs: Option<Observability>,
+) -> watch::Receiver<Arc<Dynamic>> {
     if let Some(o) = &obs {
-        for (name, rx) in &sources {
-            o.provider_updated(name, &rx.borrow());
+        for src in sources.iter().filter(|s| s.delivered) {
+            o.provider_updated(&src.name, &src.rx.borrow());
         }
     }
+    let sources: Vec<(String, watch::Receiver<Arc<Dynamic>>)> =
+        sources.into_iter().map(|s| (s.name, s.rx)).collect();
     let obs_current = obs.clone();
     let current = move |sources: &[(String, watch::Receiver<Arc<Dynamic>>)]| {
         // Taken before reading the outputs: what this merge is sure to include.
@@ -144,10 +186,42 @@ pub fn combine(
     rx
 }
 
-/// Starts the providers of the static configuration (the file provider here; the Consul catalog
-/// provider plugs into [`combine`]). Must be called inside a tokio runtime.
-pub fn providers(st: Arc<StaticConfig>, obs: Option<Observability>) -> Providers {
+/// Starts the providers of the static configuration: the file provider and the Consul catalog
+/// provider. `identity` is the gateway's SPIFFE identity; when it is a manual source and Consul
+/// Connect is on, the Consul provider pushes the Connect leaf and roots into it. Must be called
+/// inside a tokio runtime.
+pub fn providers(
+    st: Arc<StaticConfig>,
+    obs: Option<Observability>,
+    identity: Option<IdentitySource>,
+) -> Result<Providers, tagway_provider_consul::ProviderError> {
     let mut sources = Vec::new();
+    let mut consul = None;
+    if let Some(cc) = &st.providers.consul_catalog {
+        let mut provider = ConsulProvider::new(cc)?;
+        if cc.connect_aware {
+            match &identity {
+                Some(id) if id.kind() == SourceKind::Manual => {
+                    provider = provider.with_identity_source(id.clone());
+                }
+                Some(_) => tracing::warn!(
+                    "providers.spiffe supplies the gateway's identity: Consul Connect services are \
+                     dialled with it, not with a leaf certificate from the Consul agent"
+                ),
+                None => {}
+            }
+        }
+        if let Some(o) = &obs {
+            o.expect_provider(tagway_provider_consul::PROVIDER_NAME);
+        }
+        let running = provider.start(std::future::pending())?;
+        sources.push(Source {
+            name: tagway_provider_consul::PROVIDER_NAME.to_owned(),
+            rx: consul_deliveries(&running, obs.clone()),
+            delivered: false,
+        });
+        consul = Some(running);
+    }
     let mut handle = None;
     let mut file_failures = None;
     if let Some(f) = &st.providers.file {
@@ -156,10 +230,14 @@ pub fn providers(st: Arc<StaticConfig>, obs: Option<Observability>) -> Providers
         }
         let (rx, h) = file::start(f.clone());
         file_failures = Some(h.failures());
-        sources.push((file::PROVIDER.to_owned(), rx));
+        sources.push(Source {
+            name: file::PROVIDER.to_owned(),
+            rx,
+            delivered: true,
+        });
         handle = Some(h);
     }
-    let config = combine(st, sources, obs.clone());
+    let config = combine_sources(st, sources, obs.clone());
     if let (Some(o), Some(mut failures)) = (obs, file_failures) {
         // Failed loads of the files count as failed reloads and show in /api/errors until a
         // load succeeds.
@@ -175,10 +253,59 @@ pub fn providers(st: Arc<StaticConfig>, obs: Option<Observability>) -> Providers
             }
         });
     }
-    Providers {
+    Ok(Providers {
         config,
         file: handle,
-    }
+        consul,
+    })
+}
+
+/// The Consul provider's configurations, from its first complete sync on (before it, the channel
+/// holds an empty placeholder); its reachability is reported to `obs` (failed reloads,
+/// `/api/errors`).
+fn consul_deliveries(
+    running: &tagway_provider_consul::Running,
+    obs: Option<Observability>,
+) -> watch::Receiver<Arc<Dynamic>> {
+    let (tx, rx) = watch::channel(Arc::new(Dynamic::default()));
+    let mut config = running.config();
+    let mut status = running.status();
+    tokio::spawn(async move {
+        let name = tagway_provider_consul::PROVIDER_NAME;
+        let mut failing = false;
+        let mut synced = false;
+        loop {
+            let st = status.borrow_and_update().clone();
+            if let Some(o) = &obs {
+                match (&st.last_error, failing) {
+                    (Some(e), false) => {
+                        o.provider_failed(name, e);
+                        failing = true;
+                    }
+                    (None, true) => {
+                        o.provider_recovered(name);
+                        failing = false;
+                    }
+                    _ => {}
+                }
+            }
+            if st.synced && !synced {
+                synced = true;
+                tx.send_replace(config.borrow_and_update().clone());
+            }
+            tokio::select! {
+                r = status.changed() => if r.is_err() { return },
+                r = config.changed(), if synced => {
+                    if r.is_err() {
+                        return;
+                    }
+                    tx.send_replace(config.borrow_and_update().clone());
+                }
+                () = tx.closed() => return,
+            }
+        }
+    });
+    rx
 }
 
 /// The `run` command: load, validate, start the providers, log each applied configuration;
@@ -213,17 +340,36 @@ pub fn main(path: &Path) -> ExitCode {
         };
         // The Consul provider's `metrics::…!` calls land in /metrics.
         obs.metrics().install_global();
-        let providers = providers(st.clone(), Some(obs.clone()));
-        let mut gateway = crate::server::Gateway::new((*st).clone()).with_observability(obs.clone());
-        // The gateway's own SPIFFE identity, for transports with a `spiffe` section.
-        if let Some(spiffe) = &st.providers.spiffe {
-            match tagway_transport::IdentitySource::from_config(spiffe).await {
-                Ok(identity) => gateway = gateway.with_identity(identity),
+        // The gateway's own SPIFFE identity, for transports with a `spiffe` section: from
+        // providers.spiffe, else pushed by the Consul provider (Connect leaf and roots).
+        let identity = if let Some(spiffe) = &st.providers.spiffe {
+            match IdentitySource::from_config(spiffe).await {
+                Ok(identity) => Some(identity),
                 Err(e) => {
                     tracing::error!("providers.spiffe: {e}");
                     return ExitCode::FAILURE;
                 }
             }
+        } else if st
+            .providers
+            .consul_catalog
+            .as_ref()
+            .is_some_and(|c| c.connect_aware)
+        {
+            Some(IdentitySource::manual())
+        } else {
+            None
+        };
+        let providers = match providers(st.clone(), Some(obs.clone()), identity.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("providers.consulCatalog: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut gateway = crate::server::Gateway::new((*st).clone()).with_observability(obs.clone());
+        if let Some(identity) = identity {
+            gateway = gateway.with_identity(identity);
         }
         if let Err(e) = gateway.bind() {
             tracing::error!("{e}");
