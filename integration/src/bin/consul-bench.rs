@@ -22,7 +22,7 @@
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,7 +80,7 @@ fn main() -> Result<()> {
 }
 
 /// `tagway run` with the Consul provider plugged into the provider combination.
-fn gateway(config: &PathBuf) -> Result<()> {
+fn gateway(config: &Path) -> Result<()> {
     let st = tagway_config::load_static(config)?;
     let rt = tagway::server::build_runtime()?;
     rt.block_on(async move {
@@ -263,7 +263,7 @@ async fn bench(args: Args) -> Result<()> {
     Ok(())
 }
 
-async fn run_size(args: &Args, exe: &PathBuf, n: usize) -> Result<()> {
+async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
     let m = args.instances;
     let catalog = DevCatalog::builder()
         .without_consul_service()
