@@ -140,10 +140,9 @@ pub fn main(path: &Path) -> ExitCode {
         }
     };
     init_tracing(&st);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A single-thread runtime: the data plane adds its own worker threads (one per CPU, or
+    // TOKIO_WORKER_THREADS), each with its own runtime and listeners.
+    let rt = match crate::server::build_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -154,7 +153,20 @@ pub fn main(path: &Path) -> ExitCode {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "tagway starting");
         let st = Arc::new(st);
         let providers = providers(st.clone());
-        match wait_for_signals(&providers).await {
+        let mut gateway = crate::server::Gateway::new((*st).clone());
+        if let Err(e) = gateway.bind() {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        let (signal_tx, signal_rx) = tokio::sync::oneshot::channel();
+        let shutdown = async {
+            let _ = signal_tx.send(wait_for_signals(&providers).await);
+        };
+        if let Err(e) = gateway.run(providers.config.clone(), shutdown).await {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        match signal_rx.await.unwrap_or(Ok(())) {
             Ok(()) => {
                 tracing::info!("tagway stopped");
                 ExitCode::SUCCESS

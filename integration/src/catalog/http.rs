@@ -199,15 +199,36 @@ impl Shared {
         headers: &HeaderMap,
         params: &Params,
     ) -> Result<(ReadOptions, Authorizer), ApiError> {
-        self.check_dc(params.get("dc"))?;
-        let authz = self.authorize(headers, params)?;
+        // Consul parses the query options first; datacenter routing and the token are
+        // resolved afterwards.
+        let opts = parse_read_options(params)?;
         if params.get("filter").is_some_and(|f| !f.is_empty()) {
             return Err(ApiError::bad(
                 "Failed to create boolean expression evaluator: filter expressions (?filter=) are not supported by the tagway dev catalog",
             ));
         }
-        let opts = parse_read_options(params)?;
+        self.check_dc(params.get("dc"))?;
+        let authz = self.authorize(headers, params)?;
         Ok((opts, authz))
+    }
+
+    /// The answer of a blocking read.
+    fn blocking_answer(
+        &self,
+        opts: &ReadOptions,
+        index: u64,
+        filtered: bool,
+        body: Bytes,
+    ) -> Response {
+        self.read_response(
+            ReadMeta {
+                index: Some(index),
+                filtered,
+                consistency: opts.consistency,
+                cached: opts.cached,
+            },
+            body,
+        )
     }
 
     fn read_response(&self, meta: ReadMeta, body: Bytes) -> Response {
@@ -251,7 +272,12 @@ impl Shared {
     }
 
     fn simple_json<T: Serialize + ?Sized>(&self, value: &T, params: &Params) -> Response {
-        let mut r = Response::new(Body::from(to_body(value, params.has("pretty"))));
+        self.json_bytes(to_body(value, params.has("pretty")))
+    }
+
+    /// A JSON answer for an endpoint without blocking support.
+    fn json_bytes(&self, body: Bytes) -> Response {
+        let mut r = Response::new(Body::from(body));
         r.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         self.leader_headers(r.headers_mut());
@@ -344,22 +370,14 @@ async fn catalog_services(State(sh): State<AppState>, headers: HeaderMap, uri: U
             (index, (body, filtered))
         })
         .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
+    Ok(sh.blocking_answer(&opts, index, filtered, body))
 }
 
-async fn catalog_service_common(
-    sh: AppState,
+async fn catalog_service(
+    State(sh): State<AppState>,
+    Path(name): Path<String>,
     headers: HeaderMap,
     uri: Uri,
-    name: String,
     connect: bool,
 ) -> ApiResult {
     let p = Params::parse(uri.query());
@@ -397,33 +415,7 @@ async fn catalog_service_common(
         (index, (to_body(&out, pretty), filtered))
     })
     .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
-}
-
-async fn catalog_service(
-    State(sh): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    catalog_service_common(sh, headers, uri, name, false).await
-}
-
-async fn catalog_connect(
-    State(sh): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    catalog_service_common(sh, headers, uri, name, true).await
+    Ok(sh.blocking_answer(&opts, index, filtered, body))
 }
 
 async fn catalog_nodes(State(sh): State<AppState>, headers: HeaderMap, uri: Uri) -> ApiResult {
@@ -447,15 +439,7 @@ async fn catalog_nodes(State(sh): State<AppState>, headers: HeaderMap, uri: Uri)
         (idx[0], (to_body(&out, pretty), filtered))
     })
     .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
+    Ok(sh.blocking_answer(&opts, index, filtered, body))
 }
 
 async fn catalog_node(
@@ -492,15 +476,7 @@ async fn catalog_node(
             (index, body)
         })
         .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered: false,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
+    Ok(sh.blocking_answer(&opts, index, false, body))
 }
 
 async fn catalog_datacenters(State(sh): State<AppState>, uri: Uri) -> ApiResult {
@@ -542,11 +518,11 @@ fn health_entries<'a>(
     (out, filtered)
 }
 
-async fn health_service_common(
-    sh: AppState,
+async fn health_service(
+    State(sh): State<AppState>,
+    Path(name): Path<String>,
     headers: HeaderMap,
     uri: Uri,
-    name: String,
     connect: bool,
 ) -> ApiResult {
     let p = Params::parse(uri.query());
@@ -572,33 +548,7 @@ async fn health_service_common(
         (index, (to_body(&out, pretty), filtered))
     })
     .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
-}
-
-async fn health_service(
-    State(sh): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    health_service_common(sh, headers, uri, name, false).await
-}
-
-async fn health_connect(
-    State(sh): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    health_service_common(sh, headers, uri, name, true).await
+    Ok(sh.blocking_answer(&opts, index, filtered, body))
 }
 
 async fn health_checks(
@@ -636,15 +586,7 @@ async fn health_checks(
         },
     )
     .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
+    Ok(sh.blocking_answer(&opts, index, filtered, body))
 }
 
 fn visible_checks<'a>(
@@ -686,15 +628,7 @@ async fn health_node(
         (idx[0], (to_body(&out, pretty), filtered))
     })
     .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
+    Ok(sh.blocking_answer(&opts, index, filtered, body))
 }
 
 async fn health_state(
@@ -731,15 +665,7 @@ async fn health_state(
         (idx[0], (to_body(&out, pretty), filtered))
     })
     .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
+    Ok(sh.blocking_answer(&opts, index, filtered, body))
 }
 
 // ---- reads: agent -----------------------------------------------------------------------
@@ -806,9 +732,7 @@ async fn agent_services(State(sh): State<AppState>, headers: HeaderMap, uri: Uri
         }
         to_body(&out, p.has("pretty"))
     });
-    let mut r = sh.simple_json(&serde_json::Value::Null, &p);
-    *r.body_mut() = Body::from(body);
-    Ok(r)
+    Ok(sh.json_bytes(body))
 }
 
 async fn agent_service(
@@ -835,8 +759,7 @@ async fn agent_service(
         return Err(ApiError::not_found(format!("unknown service ID: {id}")));
     };
     authz.require(Perm::ServiceRead(&name))?;
-    let mut r = sh.simple_json(&serde_json::Value::Null, &p);
-    *r.body_mut() = Body::from(body);
+    let mut r = sh.json_bytes(body);
     set(r.headers_mut(), "X-Consul-ContentHash", &hash);
     Ok(r)
 }
@@ -857,9 +780,7 @@ async fn agent_checks(State(sh): State<AppState>, headers: HeaderMap, uri: Uri) 
             .collect();
         to_body(&out, p.has("pretty"))
     });
-    let mut r = sh.simple_json(&serde_json::Value::Null, &p);
-    *r.body_mut() = Body::from(body);
-    Ok(r)
+    Ok(sh.json_bytes(body))
 }
 
 fn aggregate(checks: &[&std::sync::Arc<CheckRec>]) -> &'static str {
@@ -882,11 +803,11 @@ fn aggregate_code(status: &str) -> StatusCode {
     }
 }
 
-async fn agent_health_common(
-    sh: AppState,
+async fn agent_health(
+    State(sh): State<AppState>,
+    Path(key): Path<String>,
     headers: HeaderMap,
     uri: Uri,
-    key: String,
     by_id: bool,
 ) -> ApiResult {
     let p = Params::parse(uri.query());
@@ -943,28 +864,9 @@ async fn agent_health_common(
     if text_format {
         return Ok(text(code, status_text));
     }
-    let mut r = sh.simple_json(&serde_json::Value::Null, &p);
-    *r.body_mut() = Body::from(body);
+    let mut r = sh.json_bytes(body);
     *r.status_mut() = code;
     Ok(r)
-}
-
-async fn agent_health_by_name(
-    State(sh): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    agent_health_common(sh, headers, uri, name, false).await
-}
-
-async fn agent_health_by_id(
-    State(sh): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    agent_health_common(sh, headers, uri, id, true).await
 }
 
 // ---- Connect ------------------------------------------------------------------------------
@@ -982,15 +884,7 @@ async fn ca_roots(State(sh): State<AppState>, headers: HeaderMap, uri: Uri) -> A
         (idx[0], body)
     })
     .await;
-    Ok(sh.read_response(
-        ReadMeta {
-            index: Some(index),
-            filtered: false,
-            consistency: opts.consistency,
-            cached: opts.cached,
-        },
-        body,
-    ))
+    Ok(sh.blocking_answer(&opts, index, false, body))
 }
 
 async fn ca_leaf(
@@ -1016,15 +910,7 @@ async fn ca_leaf(
             .write(|st, txn| st.leaf_for(txn, &service, ttl, now))?;
         if finish || opts.min_index == 0 || leaf.modify_index > opts.min_index {
             let body = to_body(&LeafJson::new(&leaf), pretty);
-            return Ok(sh.read_response(
-                ReadMeta {
-                    index: Some(leaf.modify_index),
-                    filtered: false,
-                    consistency: opts.consistency,
-                    cached: opts.cached,
-                },
-                body,
-            ));
+            return Ok(sh.blocking_answer(&opts, leaf.modify_index, false, body));
         }
         tokio::select! {
             () = any_changed(&mut rxs) => {}
@@ -1247,8 +1133,8 @@ fn ttl_update(sh: &Shared, id: &str, status: CheckStatus, output: String) -> Res
 }
 
 async fn agent_check_status(
-    sh: AppState,
-    id: String,
+    State(sh): State<AppState>,
+    Path(id): Path<String>,
     headers: HeaderMap,
     uri: Uri,
     status: CheckStatus,
@@ -1259,33 +1145,6 @@ async fn agent_check_status(
     let note = p.get("note").unwrap_or("").to_owned();
     ttl_update(&sh, &id, status, note)?;
     Ok(empty_ok())
-}
-
-async fn agent_check_pass(
-    State(sh): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    agent_check_status(sh, id, headers, uri, CheckStatus::Passing).await
-}
-
-async fn agent_check_warn(
-    State(sh): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    agent_check_status(sh, id, headers, uri, CheckStatus::Warning).await
-}
-
-async fn agent_check_fail(
-    State(sh): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    agent_check_status(sh, id, headers, uri, CheckStatus::Critical).await
 }
 
 async fn agent_check_update(
@@ -1474,17 +1333,31 @@ async fn fault_layer(State(sh): State<AppState>, req: Request, next: Next) -> Re
 
 /// The API router.
 pub(crate) fn router(sh: AppState) -> Router {
+    /// The extractors of a handler keyed by a path tail.
+    type Keyed = (State<AppState>, Path<String>, HeaderMap, Uri);
     Router::new()
         .route("/v1/catalog/services", get(catalog_services))
-        .route("/v1/catalog/service/{*name}", get(catalog_service))
-        .route("/v1/catalog/connect/{*name}", get(catalog_connect))
+        .route(
+            "/v1/catalog/service/{*name}",
+            get(|(s, p, h, u): Keyed| catalog_service(s, p, h, u, false)),
+        )
+        .route(
+            "/v1/catalog/connect/{*name}",
+            get(|(s, p, h, u): Keyed| catalog_service(s, p, h, u, true)),
+        )
         .route("/v1/catalog/nodes", get(catalog_nodes))
         .route("/v1/catalog/node/{*node}", get(catalog_node))
         .route("/v1/catalog/datacenters", get(catalog_datacenters))
         .route("/v1/catalog/register", put(catalog_register))
         .route("/v1/catalog/deregister", put(catalog_deregister))
-        .route("/v1/health/service/{*name}", get(health_service))
-        .route("/v1/health/connect/{*name}", get(health_connect))
+        .route(
+            "/v1/health/service/{*name}",
+            get(|(s, p, h, u): Keyed| health_service(s, p, h, u, false)),
+        )
+        .route(
+            "/v1/health/connect/{*name}",
+            get(|(s, p, h, u): Keyed| health_service(s, p, h, u, true)),
+        )
         .route("/v1/health/checks/{*name}", get(health_checks))
         .route("/v1/health/node/{*node}", get(health_node))
         .route("/v1/health/state/{*state}", get(health_state))
@@ -1504,17 +1377,29 @@ pub(crate) fn router(sh: AppState) -> Router {
         .route("/v1/agent/service/{*id}", get(agent_service))
         .route(
             "/v1/agent/health/service/name/{*name}",
-            get(agent_health_by_name),
+            get(|(s, p, h, u): Keyed| agent_health(s, p, h, u, false)),
         )
-        .route("/v1/agent/health/service/id/{*id}", get(agent_health_by_id))
+        .route(
+            "/v1/agent/health/service/id/{*id}",
+            get(|(s, p, h, u): Keyed| agent_health(s, p, h, u, true)),
+        )
         .route("/v1/agent/check/register", put(agent_check_register))
         .route(
             "/v1/agent/check/deregister/{*id}",
             put(agent_check_deregister),
         )
-        .route("/v1/agent/check/pass/{*id}", put(agent_check_pass))
-        .route("/v1/agent/check/warn/{*id}", put(agent_check_warn))
-        .route("/v1/agent/check/fail/{*id}", put(agent_check_fail))
+        .route(
+            "/v1/agent/check/pass/{*id}",
+            put(|(s, p, h, u): Keyed| agent_check_status(s, p, h, u, CheckStatus::Passing)),
+        )
+        .route(
+            "/v1/agent/check/warn/{*id}",
+            put(|(s, p, h, u): Keyed| agent_check_status(s, p, h, u, CheckStatus::Warning)),
+        )
+        .route(
+            "/v1/agent/check/fail/{*id}",
+            put(|(s, p, h, u): Keyed| agent_check_status(s, p, h, u, CheckStatus::Critical)),
+        )
         .route("/v1/agent/check/update/{*id}", put(agent_check_update))
         .route("/v1/agent/connect/ca/roots", get(ca_roots))
         .route("/v1/connect/ca/roots", get(ca_roots))

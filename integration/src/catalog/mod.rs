@@ -562,6 +562,12 @@ impl DevCatalogHandle {
     /// Stops accepting connections, ends blocking queries (they answer with their current
     /// state), stops check runners and waits (at most a few seconds) for connections to close.
     pub async fn shutdown(self) {
+        self.close().await;
+    }
+
+    /// Like [`DevCatalogHandle::shutdown`] through a shared reference (for a handle kept in an
+    /// `Arc`); the handle answers nothing afterwards.
+    pub async fn close(&self) {
         self.shared.store.stop();
         self.shutdown.cancel();
         self.tracker.close();

@@ -1121,6 +1121,19 @@ async fn acls_answer_403_as_consul() {
         (a.status, a.text().as_str()),
         (StatusCode::FORBIDDEN, "ACL not found")
     );
+    // Query options are checked before the token, as in Consul.
+    let a = send(
+        &r,
+        "GET",
+        "/v1/catalog/services?index=abc",
+        None,
+        Some("wrong"),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.text().as_str()),
+        (StatusCode::BAD_REQUEST, "Invalid index")
+    );
     let a = get(&r, "/v1/health/service/web").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert!(a.text().starts_with("Permission denied"), "{}", a.text());
@@ -1394,4 +1407,72 @@ async fn fleet_registration_is_one_index() {
         .map(|e| e["Node"]["Node"].as_str().expect("node"))
         .collect();
     assert_eq!(nodes, vec!["svc-node-0", "svc-node-1", "svc-node-2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn connect_views_list_native_services_and_proxies() {
+    let (r, h) = app();
+    h.register(web("web-1", 8080)).expect("register");
+    h.register(
+        ServiceRegistration::new("api")
+            .id("api-1")
+            .port(9000)
+            .connect_native(true),
+    )
+    .expect("native");
+    let index = get(&r, "/v1/health/connect/web").await.index();
+    assert_eq!(get(&r, "/v1/health/connect/web").await.json(), json!([]));
+    let r2 = r.clone();
+    let waiter =
+        tokio::spawn(
+            async move { get(&r2, &format!("/v1/health/connect/web?index={index}")).await },
+        );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiter.is_finished());
+    h.register(
+        ServiceRegistration::new("web-sidecar-proxy")
+            .id("web-1-sidecar-proxy")
+            .port(21000)
+            .connect_proxy(ProxyConfig {
+                destination_service_name: "web".to_owned(),
+                destination_service_id: "web-1".to_owned(),
+                local_service_address: "127.0.0.1".to_owned(),
+                local_service_port: 8080,
+            }),
+    )
+    .expect("proxy");
+    let a = waiter.await.expect("join");
+    assert!(a.index() > index);
+    let v = a.json();
+    assert_eq!(v.as_array().map(Vec::len), Some(1));
+    let s = &v[0]["Service"];
+    assert_eq!(s["Kind"], "connect-proxy");
+    assert_eq!(s["Service"], "web-sidecar-proxy");
+    assert_eq!(
+        s["Proxy"],
+        json!({"DestinationServiceName": "web", "DestinationServiceID": "web-1",
+               "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 8080,
+               "Mode": "", "MeshGateway": {}, "Expose": {}})
+    );
+    let api = get(&r, "/v1/health/connect/api").await.json();
+    assert_eq!(api[0]["Service"]["Connect"], json!({"Native": true}));
+    let plain = get(&r, "/v1/health/service/web").await.json();
+    assert_eq!(
+        plain.as_array().map(Vec::len),
+        Some(1),
+        "proxies are their own service"
+    );
+    let cat = get(&r, "/v1/catalog/connect/web").await.json();
+    assert_eq!(cat[0]["ServiceKind"], "connect-proxy");
+    let bad = put(
+        &r,
+        "/v1/agent/service/register",
+        json!({"Name": "p", "Kind": "connect-proxy", "Port": 1}),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        bad.text(),
+        "Proxy.DestinationServiceName must be non-empty for Connect proxy services"
+    );
 }

@@ -1,0 +1,346 @@
+//! One client connection: inbound PROXY header, routing (at once, or after peeking the
+//! ClientHello), middlewares, dial with next-server retry, TLS termination, then the copy.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::balancer::{Pick, Tried};
+use crate::clienthello::{self, Peeked};
+use crate::copy::{self, Outcome, Transferred};
+use crate::dial::{BackendStream, ClientAddrs};
+use crate::metrics::{Counters, EntryPointCounters};
+use crate::proxy_in::{self, ProxyInbound};
+use crate::router::{ConnInfo, Route, TlsMode};
+use crate::runtime::Tables;
+
+/// Data-plane tunables (not in the configuration files; defaults suit most deployments).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Bound on the time to receive a whole ClientHello.
+    pub peek_timeout: Duration,
+    /// Bound on the bytes of a ClientHello (records included).
+    pub peek_limit: usize,
+    /// Dial attempts per connection (each on a different server).
+    pub dial_attempts: usize,
+    /// How long a server whose dial failed is left out of the rotation.
+    pub hold_out: Duration,
+    /// Use splice(2) between two plain TCP sockets (Linux).
+    pub splice: bool,
+    /// Threads serving connections, each with its own single-thread runtime and its own
+    /// SO_REUSEPORT listener per entry point (the kernel spreads connections). Default:
+    /// `TOKIO_WORKER_THREADS`, else the number of CPUs.
+    pub workers: usize,
+}
+
+/// `TOKIO_WORKER_THREADS`, else the number of CPUs.
+pub fn default_workers() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            peek_timeout: clienthello::DEFAULT_PEEK_TIMEOUT,
+            peek_limit: clienthello::DEFAULT_MAX_PEEK,
+            dial_attempts: 3,
+            hold_out: Duration::from_secs(5),
+            splice: cfg!(target_os = "linux"),
+            workers: default_workers(),
+        }
+    }
+}
+
+/// What a connection needs from its entry point.
+#[derive(Debug)]
+pub struct EntryPointState {
+    /// The entry point name.
+    pub name: Arc<str>,
+    /// Inbound PROXY protocol policy.
+    pub proxy_in: Option<ProxyInbound>,
+    /// Counters.
+    pub counters: Arc<EntryPointCounters>,
+}
+
+/// A stream that first yields `prefix` (bytes already read), then the inner stream.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ep: Arc<EntryPointState>,
+    tables: Arc<Tables>,
+    opts: Arc<Options>,
+) {
+    let mut stream = stream;
+    let mut buf: Vec<u8> = Vec::new();
+    // `dst` is filled in (getsockname) only when a PROXY header toward the backend needs it.
+    let mut client = ClientAddrs {
+        source: peer,
+        destination: peer,
+    };
+    let mut dst_known = false;
+    let mut trusted = false;
+    if let Some(p) = &ep.proxy_in
+        && p.trusts(peer.ip())
+    {
+        trusted = true;
+        match proxy_in::read_header(&mut stream, peer, &mut buf, p.timeout).await {
+            Ok(Some(a)) => {
+                client = ClientAddrs {
+                    source: a.src,
+                    destination: a.dst,
+                };
+                dst_known = true;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
+                tracing::debug!(entry_point = %ep.name, error = %e, "PROXY header refused");
+                return;
+            }
+        }
+    }
+    let Some(table) = tables.entry_points.get(&*ep.name) else {
+        EntryPointCounters::inc(&ep.counters.unrouted);
+        return;
+    };
+    let peeked = if table.needs_peek() {
+        match clienthello::peek(&mut stream, &mut buf, opts.peek_limit, opts.peek_timeout).await {
+            Ok(p) => p,
+            Err(e) => {
+                EntryPointCounters::inc(&ep.counters.peek_errors);
+                tracing::debug!(entry_point = %ep.name, client = %client.source, error = %e, "ClientHello peek failed");
+                return;
+            }
+        }
+    } else {
+        Peeked::Plain
+    };
+    if ep.proxy_in.is_some() && !trusted && proxy_in::looks_like_header(&buf) && buf.len() >= 5 {
+        EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
+        tracing::debug!(entry_point = %ep.name, peer = %peer, "PROXY header from an untrusted address refused");
+        return;
+    }
+    let (sni, alpn, is_tls) = match &peeked {
+        Peeked::Tls(h) => (h.sni.as_deref(), h.alpn.as_slice(), true),
+        Peeked::Plain => (None, &[][..], false),
+    };
+    let info = ConnInfo {
+        sni,
+        alpn,
+        client_ip: client.source.ip(),
+        tls: is_tls,
+    };
+    let Some(route) = table.route(&info).cloned() else {
+        EntryPointCounters::inc(&ep.counters.unrouted);
+        tracing::debug!(entry_point = %ep.name, client = %client.source, sni = ?sni, tls = is_tls, "no router matches; closing");
+        return;
+    };
+    let _guards = match crate::middleware::apply(&route.middlewares, client.source.ip()) {
+        Ok(g) => g,
+        Err(r) => {
+            EntryPointCounters::inc(&ep.counters.refused);
+            tracing::debug!(router = %route.name, client = %client.source, reason = r.as_str(), "refused by a middleware");
+            return;
+        }
+    };
+    let _route_open = route.counters.open();
+    if route.tls == TlsMode::Terminate && is_tls {
+        if !dst_known {
+            client.destination = stream.local_addr().unwrap_or(peer);
+        }
+        let cfg = tables.tls.clone();
+        drop(tables);
+        // Boxed: the TLS state is large and only this path needs it.
+        Box::pin(terminate(stream, buf, cfg, &route, client, &ep, &opts)).await;
+        return;
+    }
+    drop(tables);
+    let local = || {
+        if dst_known {
+            client.destination
+        } else {
+            stream.local_addr().unwrap_or(peer)
+        }
+    };
+    let Some((pick, mut backend)) = dial(&route, client, &local, &opts).await else {
+        return;
+    };
+    let _srv_open = pick.server.counters.open();
+    let _svc_open = pick.service.counters.open();
+    let initial = buf.len() as u64;
+    if !buf.is_empty() {
+        if let Err(e) = backend.write_all(&buf).await {
+            tracing::debug!(server = %pick.server.address, error = %e, "writing the peeked bytes failed");
+            return;
+        }
+        buf = Vec::new();
+    }
+    drop(buf);
+    let delay = pick.service.termination_delay;
+    let (outcome, mut t) = match &mut backend {
+        #[cfg(target_os = "linux")]
+        BackendStream::Plain(b) if opts.splice => copy::copy_spliced(&mut stream, b, delay).await,
+        _ => copy::copy_buffered(&mut stream, &mut backend, delay).await,
+    };
+    t.to_backend += initial;
+    account(&route, &pick, t, &outcome);
+}
+
+/// Terminates TLS (replaying the peeked bytes to rustls), then copies plaintext to the server.
+async fn terminate(
+    stream: TcpStream,
+    buf: Vec<u8>,
+    cfg: Option<Arc<rustls::ServerConfig>>,
+    route: &Route,
+    client: ClientAddrs,
+    ep: &EntryPointState,
+    opts: &Options,
+) {
+    let Some(cfg) = cfg else {
+        EntryPointCounters::inc(&ep.counters.tls_errors);
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let pre = Prefixed {
+        prefix: buf,
+        pos: 0,
+        inner: stream,
+    };
+    let mut tls = match acceptor.accept(pre).await {
+        Ok(s) => s,
+        Err(e) => {
+            EntryPointCounters::inc(&ep.counters.tls_errors);
+            tracing::debug!(router = %route.name, client = %client.source, error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    let Some((pick, mut backend)) = dial(route, client, &|| client.destination, opts).await else {
+        return;
+    };
+    let _srv_open = pick.server.counters.open();
+    let _svc_open = pick.service.counters.open();
+    let (outcome, t) =
+        copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
+    account(route, &pick, t, &outcome);
+}
+
+fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
+    for c in [
+        &route.counters,
+        &pick.service.counters,
+        &pick.server.counters,
+    ] {
+        c.add_bytes(t.to_backend, t.to_client);
+    }
+    if let Outcome::Error(e) = outcome {
+        tracing::trace!(router = %route.name, server = %pick.server.address, error = %e, "connection ended by an error");
+    }
+}
+
+/// Picks and dials a server, trying the next one on failure (bounded attempts); failed servers
+/// are held out for a while.
+async fn dial(
+    route: &Route,
+    client: ClientAddrs,
+    dst: &(dyn Fn() -> SocketAddr + Sync),
+    opts: &Options,
+) -> Option<(Pick, BackendStream)> {
+    let mut tried: Tried = Vec::new();
+    let svc_counters: &Counters = &route.service.service.counters;
+    for _ in 0..opts.dial_attempts.max(1) {
+        let Some(pick) = route.service.pick(&tried) else {
+            break;
+        };
+        let Some(transport) = pick.service.transport.as_ref() else {
+            break;
+        };
+        let start = tokio::time::Instant::now();
+        // The original addresses only matter to a PROXY header toward the server.
+        let addrs = pick.service.proxy_protocol.then(|| ClientAddrs {
+            source: client.source,
+            destination: dst(),
+        });
+        match transport
+            .dial(&pick.server.address, pick.server.tls, addrs)
+            .await
+        {
+            Ok(s) => {
+                let us = start.elapsed().as_micros() as u64;
+                pick.server
+                    .counters
+                    .dial_micros
+                    .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+                return Some((pick, s));
+            }
+            Err(e) => {
+                let reason = e.reason();
+                pick.server.counters.dial_error(reason);
+                pick.service.counters.dial_error(reason);
+                pick.server.hold_out(opts.hold_out);
+                tracing::warn!(router = %route.name, service = %pick.service.name, error = %e,
+                    reason = reason.as_str(), "dial failed; trying the next server");
+                tried.push(pick.server);
+            }
+        }
+    }
+    svc_counters
+        .no_server
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client.source,
+        "no server available; closing the connection");
+    None
+}

@@ -1,0 +1,603 @@
+//! Bidirectional copy with half-close and `terminationDelay`.
+//!
+//! Both directions are driven by one task (no split, no locks). When one side sends FIN, the write
+//! side toward the other is shut down and the other direction keeps flowing; from then on the
+//! termination delay bounds how long the other side may keep the connection open (`None` = no
+//! deadline). An error in either direction (reset, broken pipe) ends the connection: both sockets
+//! are closed when the caller drops them.
+//!
+//! Two engines: a buffered copy for any stream (TLS), and on Linux a zero-copy path for two plain
+//! TCP sockets that moves bytes with splice(2) through a pipe, so payload never enters user space.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// Size of each direction's buffer in the buffered engine.
+pub const BUF_SIZE: usize = 64 * 1024;
+
+/// Bytes moved each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the client to the backend.
+    pub to_backend: u64,
+    /// From the backend to the client.
+    pub to_client: u64,
+}
+
+/// How a proxied connection ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Both sides closed their write side.
+    Closed,
+    /// One side closed and the other did not within the termination delay.
+    TerminationDelay,
+    /// A read or write failed (reset, broken pipe …); the connection was ended.
+    Error(io::Error),
+}
+
+/// The termination-delay timer, armed when the first direction finishes.
+struct Deadline {
+    delay: Option<Duration>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Deadline {
+    fn new(delay: Option<Duration>) -> Self {
+        Deadline { delay, sleep: None }
+    }
+
+    /// Arms the timer (once); returns Ready when it has fired.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(d) = self.delay else {
+            return Poll::Pending;
+        };
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+        sleep.as_mut().poll(cx)
+    }
+}
+
+use std::future::Future;
+
+/// One direction of the buffered engine.
+struct BufDir {
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    cap: usize,
+    eof: bool,
+    done: bool,
+    need_flush: bool,
+    amt: u64,
+}
+
+impl BufDir {
+    fn new() -> Self {
+        BufDir {
+            buf: None,
+            pos: 0,
+            cap: 0,
+            eof: false,
+            done: false,
+            need_flush: false,
+            amt: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.cap && !self.eof {
+                let buf = self
+                    .buf
+                    .get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+                let mut rb = ReadBuf::new(buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                        } else {
+                            self.pos = 0;
+                            self.cap = n;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(w.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let buf = self.buf.as_deref().unwrap_or_default();
+                let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.cap]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.amt += n as u64;
+                self.need_flush = true;
+            }
+            if self.eof {
+                ready!(w.as_mut().poll_flush(cx))?;
+                match ready!(w.as_mut().poll_shutdown(cx)) {
+                    Ok(()) | Err(_) => {}
+                }
+                self.done = true;
+                // The other side reads its last bytes: the buffer is no longer needed.
+                self.buf = None;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Copies both ways between `client` and `backend` until both sides closed, an error, or the
+/// termination delay after the first close.
+pub async fn copy_buffered<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    termination_delay: Option<Duration>,
+) -> (Outcome, Transferred)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = BufDir::new();
+    let mut down = BufDir::new();
+    let mut deadline = Deadline::new(termination_delay);
+    let outcome = poll_fn(|cx| {
+        if !up.done
+            && let Poll::Ready(Err(e)) =
+                up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend))
+        {
+            return Poll::Ready(Outcome::Error(e));
+        }
+        if !down.done
+            && let Poll::Ready(Err(e)) =
+                down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client))
+        {
+            return Poll::Ready(Outcome::Error(e));
+        }
+        match (up.done, down.done) {
+            (true, true) => Poll::Ready(Outcome::Closed),
+            (false, false) => Poll::Pending,
+            _ => deadline.poll(cx).map(|()| Outcome::TerminationDelay),
+        }
+    })
+    .await;
+    (
+        outcome,
+        Transferred {
+            to_backend: up.amt,
+            to_client: down.amt,
+        },
+    )
+}
+
+#[cfg(target_os = "linux")]
+pub use splice::copy_spliced;
+
+#[cfg(target_os = "linux")]
+mod splice {
+    //! Zero-copy engine: socket → pipe → socket with splice(2).
+
+    use std::io;
+    use std::mem::MaybeUninit;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll, ready};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+    use tokio::net::TcpStream;
+
+    use super::{Deadline, Outcome, Transferred};
+
+    /// Bytes asked of one splice call (the pipe bounds what moves).
+    const CHUNK: usize = 1 << 20;
+    /// Pipes kept for reuse (empty ones only), so short connections skip pipe2/close.
+    const POOL_MAX: usize = 128;
+
+    static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+    /// A non-blocking pipe.
+    pub(super) struct Pipe {
+        r: OwnedFd,
+        w: OwnedFd,
+    }
+
+    impl Pipe {
+        fn new() -> io::Result<Pipe> {
+            if let Some(p) = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+                return Ok(p);
+            }
+            let mut fds = [0 as RawFd; 2];
+            // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+            let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: pipe2 succeeded, both descriptors are open and owned by nobody else.
+            let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            Ok(Pipe { r, w })
+        }
+
+        /// Returns an empty pipe to the pool (a pipe holding bytes is closed instead).
+        fn recycle(self, empty: bool) {
+            if empty {
+                let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+                if pool.len() < POOL_MAX {
+                    pool.push(self);
+                }
+            }
+        }
+    }
+
+    fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+        // SAFETY: plain syscall on descriptors owned by the caller; null offsets (sockets, pipes).
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// How a direction currently moves bytes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Mode {
+        /// read(2)/write(2) through a small buffer: two syscalls per message, best for small
+        /// messages (a short read tells the socket is drained, no extra EAGAIN call).
+        Buffered,
+        /// splice(2) through a pipe: no copy to user space, best for bulk.
+        Splice,
+    }
+
+    /// Buffer of the buffered mode; a read that fills it switches the direction to splice.
+    const SMALL: usize = 16 * 1024;
+
+    struct Dir {
+        mode: Mode,
+        buf: Option<Box<[u8]>>,
+        pos: usize,
+        cap: usize,
+        pipe: Option<Pipe>,
+        in_pipe: usize,
+        /// Size of the last successful splice into the pipe.
+        last_in: usize,
+        eof: bool,
+        done: bool,
+        amt: u64,
+    }
+
+    impl Dir {
+        fn new() -> Self {
+            Dir {
+                mode: Mode::Buffered,
+                buf: None,
+                pos: 0,
+                cap: 0,
+                pipe: None,
+                in_pipe: 0,
+                last_in: 0,
+                eof: false,
+                done: false,
+                amt: 0,
+            }
+        }
+
+        /// Moves bytes from `src` to `dst` until both would block (Pending) or `src` ended and
+        /// everything was written (Ready(Ok)). `other_done`: the opposite direction already
+        /// finished, so the sockets are about to be closed and no shutdown is needed.
+        fn poll(
+            &mut self,
+            cx: &mut Context<'_>,
+            src: &mut TcpStream,
+            dst: &mut TcpStream,
+            other_done: bool,
+        ) -> Poll<io::Result<()>> {
+            loop {
+                // Write out what is pending (buffer, then pipe).
+                while self.pos < self.cap {
+                    let buf = self.buf.as_deref().unwrap_or_default();
+                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[self.pos..self.cap]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.pos += n;
+                    self.amt += n as u64;
+                }
+                while self.in_pipe > 0 {
+                    ready!(dst.poll_write_ready(cx))?;
+                    let pipe = self.pipe.as_ref().map(|p| p.r.as_raw_fd()).unwrap_or(-1);
+                    match dst.try_io(Interest::WRITABLE, || {
+                        splice(pipe, dst.as_raw_fd(), self.in_pipe)
+                    }) {
+                        Ok(n) => {
+                            self.in_pipe -= n;
+                            self.amt += n as u64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                if self.eof {
+                    if !other_done {
+                        let _ = socket2::SockRef::from(&*dst).shutdown(std::net::Shutdown::Write);
+                    }
+                    self.done = true;
+                    self.buf = None;
+                    if let Some(p) = self.pipe.take() {
+                        p.recycle(true);
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                match self.mode {
+                    Mode::Buffered => {
+                        // Read into a stack buffer and write straight out: no per-connection
+                        // buffer, no zeroing. Only what the destination does not take at once is
+                        // kept (in `self.buf`).
+                        let mut stack = [MaybeUninit::<u8>::uninit(); SMALL];
+                        let mut rb = ReadBuf::uninit(&mut stack);
+                        ready!(Pin::new(&mut *src).poll_read(cx, &mut rb))?;
+                        let data = rb.filled();
+                        let n = data.len();
+                        if n == 0 {
+                            self.eof = true;
+                            continue;
+                        }
+                        if n == SMALL {
+                            // Bulk transfer: move the rest without copying.
+                            self.mode = Mode::Splice;
+                        }
+                        let mut off = 0;
+                        while off < n {
+                            match Pin::new(&mut *dst).poll_write(cx, &data[off..]) {
+                                Poll::Ready(Ok(0)) => {
+                                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                                }
+                                Poll::Ready(Ok(w)) => {
+                                    off += w;
+                                    self.amt += w as u64;
+                                }
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => break,
+                            }
+                        }
+                        if off < n {
+                            let rest = &data[off..];
+                            let buf = self
+                                .buf
+                                .get_or_insert_with(|| vec![0u8; SMALL].into_boxed_slice());
+                            buf[..rest.len()].copy_from_slice(rest);
+                            self.pos = 0;
+                            self.cap = rest.len();
+                        }
+                    }
+                    Mode::Splice => {
+                        ready!(src.poll_read_ready(cx))?;
+                        if self.pipe.is_none() {
+                            self.pipe = Some(Pipe::new()?);
+                        }
+                        let pipe = self.pipe.as_ref().map(|p| p.w.as_raw_fd()).unwrap_or(-1);
+                        match src
+                            .try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe, CHUNK))
+                        {
+                            Ok(0) => self.eof = true,
+                            Ok(n) => {
+                                self.in_pipe += n;
+                                self.last_in = n;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                if self.last_in < SMALL {
+                                    // Small messages again: back to two syscalls per message.
+                                    self.mode = Mode::Buffered;
+                                }
+                                // Loop: the next readiness poll registers the waker.
+                            }
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    }
+                }
+            }
+        }
+
+        fn finish(&mut self) {
+            if let Some(p) = self.pipe.take() {
+                p.recycle(self.in_pipe == 0);
+            }
+        }
+    }
+
+    /// Bidirectional copy between two plain TCP sockets: small messages through a buffer, bulk
+    /// with zero-copy splice(2). Initial bytes are sent to the backend first by the caller.
+    pub async fn copy_spliced(
+        client: &mut TcpStream,
+        backend: &mut TcpStream,
+        termination_delay: Option<Duration>,
+    ) -> (Outcome, Transferred) {
+        let mut up = Dir::new();
+        let mut down = Dir::new();
+        let mut deadline = Deadline::new(termination_delay);
+        let outcome = std::future::poll_fn(|cx| {
+            if !up.done
+                && let Poll::Ready(Err(e)) = up.poll(cx, client, backend, down.done)
+            {
+                return Poll::Ready(Outcome::Error(e));
+            }
+            if !down.done
+                && let Poll::Ready(Err(e)) = down.poll(cx, backend, client, up.done)
+            {
+                return Poll::Ready(Outcome::Error(e));
+            }
+            match (up.done, down.done) {
+                (true, true) => Poll::Ready(Outcome::Closed),
+                (false, false) => Poll::Pending,
+                _ => deadline.poll(cx).map(|()| Outcome::TerminationDelay),
+            }
+        })
+        .await;
+        up.finish();
+        down.finish();
+        (
+            outcome,
+            Transferred {
+                to_backend: up.amt,
+                to_client: down.amt,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Two connected socket pairs: (client, proxy-side client) and (proxy-side backend, backend).
+    async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (d, _) = l.accept().await.unwrap();
+        ((a, b), (c, d))
+    }
+
+    async fn run(
+        engine: u8,
+        delay: Option<Duration>,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(Outcome, Transferred)>,
+    ) {
+        let ((client, mut pc), (mut pb, backend)) = pairs().await;
+        let h = tokio::spawn(async move {
+            match engine {
+                #[cfg(target_os = "linux")]
+                1 => copy_spliced(&mut pc, &mut pb, delay).await,
+                _ => copy_buffered(&mut pc, &mut pb, delay).await,
+            }
+        });
+        (client, backend, h)
+    }
+
+    async fn half_close(engine: u8) {
+        let (mut client, mut backend, h) = run(engine, Some(Duration::from_secs(5))).await;
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        client.write_all(b"question").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut q = Vec::new();
+        backend.read_to_end(&mut q).await.unwrap();
+        assert_eq!(q, b"question");
+        let p2 = payload.clone();
+        let w = tokio::spawn(async move {
+            backend.write_all(&p2).await.unwrap();
+            backend.shutdown().await.unwrap();
+            backend
+        });
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(got == payload, "answer differs ({} bytes)", got.len());
+        let _backend = w.await.unwrap();
+        let (outcome, t) = h.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed), "{outcome:?}");
+        assert_eq!(t.to_backend, 8);
+        assert_eq!(t.to_client, payload.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn half_close_buffered() {
+        half_close(0).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn half_close_spliced() {
+        half_close(1).await;
+    }
+
+    async fn termination_delay(engine: u8) {
+        let (mut client, backend, h) = run(engine, Some(Duration::from_millis(200))).await;
+        client.shutdown().await.unwrap();
+        let start = std::time::Instant::now();
+        let (outcome, _) = h.await.unwrap();
+        let took = start.elapsed();
+        assert!(matches!(outcome, Outcome::TerminationDelay), "{outcome:?}");
+        assert!(took >= Duration::from_millis(190), "{took:?}");
+        // The client sees the connection end.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+        drop(backend);
+    }
+
+    #[tokio::test]
+    async fn termination_delay_buffered() {
+        termination_delay(0).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn termination_delay_spliced() {
+        termination_delay(1).await;
+    }
+
+    async fn reset(engine: u8) {
+        let (client, backend, h) = run(engine, None).await;
+        // The backend resets (SO_LINGER 0): the copy ends with an error or a close, no panic.
+        socket2::SockRef::from(&backend)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(backend);
+        let (outcome, _) = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut c = client;
+            c.write_all(b"x").await.ok();
+            h.await.unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(!matches!(outcome, Outcome::TerminationDelay));
+    }
+
+    #[tokio::test]
+    async fn reset_buffered() {
+        reset(0).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn reset_spliced() {
+        reset(1).await;
+    }
+}

@@ -1,0 +1,233 @@
+//! Routing tables of an entry point and rule matching.
+//!
+//! Routes are sorted by priority (explicit, else [`Rule::default_priority`]: the rule's length,
+//! ``HostSNI(`*`)`` lowest), ties by name. A TLS connection tries the TLS routers first, then the non-TLS ones (a
+//! ``HostSNI(`*`)`` catch-all takes any connection); a plaintext connection only the non-TLS
+//! routers. When an entry point has no TLS router it routes at once, without reading a byte.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tagway_config::Rule;
+
+use crate::balancer::Balancer;
+use crate::metrics::Counters;
+use crate::middleware::{Middleware, canonical_ip};
+
+/// What a router does with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// A non-TLS router (raw TCP).
+    None,
+    /// Match TLS connections by SNI and forward the encrypted stream untouched.
+    Passthrough,
+    /// Terminate TLS and forward plaintext (or re-encrypt, as the service's transport says).
+    Terminate,
+}
+
+/// A compiled router.
+#[derive(Debug)]
+pub struct Route {
+    /// The router name (`name@provider`).
+    pub name: String,
+    /// The rule.
+    pub rule: Rule,
+    /// Priority (higher first).
+    pub priority: i64,
+    /// TLS handling.
+    pub tls: TlsMode,
+    /// Middlewares, in order.
+    pub middlewares: Vec<Arc<Middleware>>,
+    /// The service.
+    pub service: Arc<Balancer>,
+    /// Counters of the router.
+    pub counters: Counters,
+}
+
+/// What is known about a connection when routing it.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo<'a> {
+    /// The SNI of the ClientHello (lower-case), if TLS.
+    pub sni: Option<&'a str>,
+    /// The ALPN protocols offered.
+    pub alpn: &'a [String],
+    /// The client address (PROXY-decoded when trusted).
+    pub client_ip: IpAddr,
+    /// The connection starts with a TLS ClientHello.
+    pub tls: bool,
+}
+
+/// True when `rule` matches the connection.
+pub fn matches(rule: &Rule, c: &ConnInfo<'_>) -> bool {
+    match rule {
+        Rule::HostSni(names) => names.iter().any(|n| {
+            n == "*"
+                || c.sni
+                    .is_some_and(|s| s.eq_ignore_ascii_case(n.trim_end_matches('.')))
+        }),
+        Rule::HostSniRegexp(res) => c.sni.is_some_and(|s| res.iter().any(|r| r.is_match(s))),
+        Rule::ClientIp(nets) => {
+            let ip = canonical_ip(c.client_ip);
+            nets.iter().any(|n| n.contains(&ip))
+        }
+        Rule::Alpn(protos) => protos.iter().any(|p| c.alpn.iter().any(|a| a == p)),
+        Rule::And(a, b) => matches(a, c) && matches(b, c),
+        Rule::Or(a, b) => matches(a, c) || matches(b, c),
+        Rule::Not(a) => !matches(a, c),
+        _ => false,
+    }
+}
+
+/// The routes of one entry point.
+#[derive(Debug, Default)]
+pub struct EntryTable {
+    tls_routes: Vec<Arc<Route>>,
+    plain_routes: Vec<Arc<Route>>,
+}
+
+impl EntryTable {
+    /// Builds the table; sorts by priority then name.
+    pub fn new(routes: Vec<Arc<Route>>) -> Self {
+        let (mut tls_routes, mut plain_routes): (Vec<_>, Vec<_>) =
+            routes.into_iter().partition(|r| r.tls != TlsMode::None);
+        let order = |a: &Arc<Route>, b: &Arc<Route>| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.name.cmp(&b.name))
+        };
+        tls_routes.sort_by(order);
+        plain_routes.sort_by(order);
+        EntryTable {
+            tls_routes,
+            plain_routes,
+        }
+    }
+
+    /// True when connections must be peeked (some router needs the ClientHello).
+    pub fn needs_peek(&self) -> bool {
+        !self.tls_routes.is_empty()
+    }
+
+    /// True when there is no route at all.
+    pub fn is_empty(&self) -> bool {
+        self.tls_routes.is_empty() && self.plain_routes.is_empty()
+    }
+
+    /// The route for a connection.
+    pub fn route(&self, c: &ConnInfo<'_>) -> Option<&Arc<Route>> {
+        let tls = if c.tls {
+            self.tls_routes.iter().find(|r| matches(&r.rule, c))
+        } else {
+            None
+        };
+        tls.or_else(|| self.plain_routes.iter().find(|r| matches(&r.rule, c)))
+    }
+
+    /// Every route, TLS ones first.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.tls_routes.iter().chain(self.plain_routes.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tagway_config::rule::parse;
+
+    fn route(name: &str, rule: &str, tls: TlsMode, prio: Option<i64>) -> Arc<Route> {
+        let r = parse(rule).unwrap();
+        Arc::new(Route {
+            name: name.into(),
+            priority: prio.unwrap_or_else(|| Rule::default_priority(rule)),
+            rule: r,
+            tls,
+            middlewares: vec![],
+            service: Arc::new(Balancer::new(vec![])),
+            counters: Counters::default(),
+        })
+    }
+
+    fn info<'a>(sni: Option<&'a str>, alpn: &'a [String], ip: &str) -> ConnInfo<'a> {
+        ConnInfo {
+            sni,
+            alpn,
+            client_ip: ip.parse().unwrap(),
+            tls: sni.is_some() || !alpn.is_empty(),
+        }
+    }
+
+    #[test]
+    fn priorities_and_fallbacks() {
+        let t = EntryTable::new(vec![
+            route("catch", "HostSNI(`*`)", TlsMode::None, None),
+            route("a", "HostSNI(`a.example`)", TlsMode::Passthrough, None),
+            route(
+                "long",
+                "HostSNI(`a.example`) && ClientIP(`10.0.0.0/8`)",
+                TlsMode::Terminate,
+                None,
+            ),
+            route(
+                "re",
+                "HostSNIRegexp(`^.+\\.re\\.example$`)",
+                TlsMode::Passthrough,
+                None,
+            ),
+            route("h2", "ALPN(`h2`)", TlsMode::Passthrough, Some(1)),
+        ]);
+        assert!(t.needs_peek());
+        let none: &[String] = &[];
+        let h2 = ["h2".to_string()];
+        let name = |c: ConnInfo<'_>| t.route(&c).map(|r| r.name.clone());
+        assert_eq!(
+            name(info(Some("a.example"), none, "10.1.1.1")).as_deref(),
+            Some("long")
+        );
+        assert_eq!(
+            name(info(Some("a.example"), none, "::ffff:10.1.1.1")).as_deref(),
+            Some("long")
+        );
+        assert_eq!(
+            name(info(Some("a.example"), none, "192.0.2.1")).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            name(info(Some("x.re.example"), none, "192.0.2.1")).as_deref(),
+            Some("re")
+        );
+        assert_eq!(
+            name(info(Some("zzz"), &h2, "192.0.2.1")).as_deref(),
+            Some("h2")
+        );
+        // TLS without a TLS match and plaintext fall to the catch-all.
+        assert_eq!(
+            name(info(Some("zzz"), none, "192.0.2.1")).as_deref(),
+            Some("catch")
+        );
+        assert_eq!(
+            name(info(None, none, "192.0.2.1")).as_deref(),
+            Some("catch")
+        );
+    }
+
+    #[test]
+    fn plaintext_without_catch_all_is_unrouted() {
+        let t = EntryTable::new(vec![route(
+            "a",
+            "HostSNI(`a.example`)",
+            TlsMode::Passthrough,
+            None,
+        )]);
+        let none: &[String] = &[];
+        assert!(t.route(&info(None, none, "127.0.0.1")).is_none());
+        let t = EntryTable::new(vec![route(
+            "ip",
+            "ClientIP(`127.0.0.0/8`)",
+            TlsMode::None,
+            None,
+        )]);
+        assert!(!t.needs_peek());
+        assert!(t.route(&info(None, none, "127.0.0.1")).is_some());
+        assert!(t.route(&info(None, none, "10.0.0.1")).is_none());
+    }
+}

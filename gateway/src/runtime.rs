@@ -1,0 +1,489 @@
+//! Compiles a merged, validated `Dynamic` into immutable runtime tables.
+//!
+//! The tables are swapped atomically (arc-swap) by the server: new connections load the current
+//! tables; established connections keep the `Arc`s of their route, service and server, so they keep
+//! flowing when a reload removes them. Servers that survive a reload unchanged (same service,
+//! address, weight, tls) keep their state (health verdict, hold-out, counters).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tagway_config::{Dynamic, LoadBalancer, Rule, StaticConfig};
+
+use crate::balancer::{Balancer, Peer, ServerState, ServiceInfo};
+use crate::dial::{Transport, Transports};
+use crate::health::{CheckSpec, HealthChecks};
+use crate::metrics::Counters;
+use crate::middleware::{InFlightConn, IpAllowList, Middleware};
+use crate::router::{EntryTable, Route, TlsMode};
+
+pub use tagway_transport::DEFAULT_TRANSPORT;
+
+/// A resource that could not be compiled (the rest of the configuration still applies).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} {name}: {message}")]
+#[non_exhaustive]
+pub struct CompileError {
+    /// `router`, `service`, `middleware`, `serversTransport` or `tls`.
+    pub kind: &'static str,
+    /// The resource name.
+    pub name: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The compiled configuration.
+#[derive(Debug, Default)]
+pub struct Tables {
+    /// Routing table per entry point name.
+    pub entry_points: HashMap<String, EntryTable>,
+    /// TLS termination configuration (None when it could not be built).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Services by name.
+    pub services: HashMap<String, Arc<Balancer>>,
+    /// Routers by name.
+    pub routers: HashMap<String, Arc<Route>>,
+    servers: HashMap<(String, String), Arc<ServerState>>,
+    transports: Option<Transports>,
+    health: HealthChecks,
+}
+
+impl Tables {
+    /// Servers by (service, address), for metrics and tests.
+    pub fn servers(&self) -> impl Iterator<Item = (&(String, String), &Arc<ServerState>)> {
+        self.servers.iter()
+    }
+
+    /// Number of running health-check loops.
+    pub fn health_checks(&self) -> usize {
+        self.health.len()
+    }
+}
+
+struct Ctx<'a> {
+    dynamic: &'a Dynamic,
+    prev: Option<&'a Tables>,
+    transports: Option<Transports>,
+    services: HashMap<String, Result<Arc<Balancer>, String>>,
+    servers: HashMap<(String, String), Arc<ServerState>>,
+    health: HealthChecks,
+    errors: Vec<CompileError>,
+}
+
+impl Ctx<'_> {
+    fn transport(&self, name: &str) -> Result<Transport, String> {
+        let Some(ts) = &self.transports else {
+            return Err(format!(
+                "servers transport {DEFAULT_TRANSPORT} could not be built"
+            ));
+        };
+        ts.get(Some(name)).cloned().ok_or_else(|| {
+            if self.dynamic.tcp.servers_transports.contains_key(name) {
+                format!("servers transport {name} could not be built")
+            } else {
+                format!("servers transport {name} does not exist")
+            }
+        })
+    }
+
+    fn service(&mut self, name: &str, stack: &mut Vec<String>) -> Result<Arc<Balancer>, String> {
+        if let Some(s) = self.services.get(name) {
+            return s.clone();
+        }
+        if stack.iter().any(|s| s == name) {
+            return Err(format!(
+                "weighted services form a cycle: {} -> {name}",
+                stack.join(" -> ")
+            ));
+        }
+        let Some(svc) = self.dynamic.tcp.services.get(name) else {
+            return Err(format!("service {name} does not exist"));
+        };
+        stack.push(name.to_owned());
+        let res = match (&svc.load_balancer, &svc.weighted) {
+            (Some(lb), None) => self.load_balancer(name, lb),
+            (None, Some(w)) => {
+                let mut peers = Vec::new();
+                let mut err = None;
+                for ws in &w.services {
+                    match self.service(&ws.name, stack) {
+                        Ok(b) => peers.push((weight(ws.weight()), Peer::Service(b))),
+                        Err(e) => {
+                            err = Some(format!("weighted service {}: {e}", ws.name));
+                            break;
+                        }
+                    }
+                }
+                match err {
+                    Some(e) => Err(e),
+                    None => Ok(Arc::new(Balancer::with_service(
+                        peers,
+                        Arc::new(ServiceInfo {
+                            name: name.to_owned(),
+                            ..Default::default()
+                        }),
+                    ))),
+                }
+            }
+            _ => Err("a service needs exactly one of loadBalancer or weighted".into()),
+        };
+        stack.pop();
+        if let Err(e) = &res {
+            self.errors.push(CompileError {
+                kind: "service",
+                name: name.to_owned(),
+                message: e.clone(),
+            });
+        }
+        self.services.insert(name.to_owned(), res.clone());
+        res
+    }
+
+    fn load_balancer(&mut self, name: &str, lb: &LoadBalancer) -> Result<Arc<Balancer>, String> {
+        let tname = lb.servers_transport.as_deref().unwrap_or(DEFAULT_TRANSPORT);
+        let mut transport = self.transport(tname)?;
+        if let Some(pp) = &lb.proxy_protocol {
+            // Traefik v2's per-service PROXY protocol (deprecated) overrides the transport's.
+            let v = tagway_transport::ProxyVersion::from_number(pp.version)
+                .ok_or_else(|| format!("proxyProtocol.version {} is not 1 or 2", pp.version))?;
+            transport = transport.with_proxy_protocol(Some(v));
+        }
+        let termination_delay = match lb.termination_delay {
+            Some(ms) if ms < 0 => None,
+            Some(ms) => Some(Duration::from_millis(ms as u64)),
+            None => transport.termination_delay(),
+        };
+        let mut servers = Vec::new();
+        for s in &lb.servers {
+            if s.address.is_empty() {
+                return Err("a server has no address".into());
+            }
+            let w = weight(s.weight());
+            let key = (name.to_owned(), s.address.clone());
+            let state = self
+                .prev
+                .and_then(|p| p.servers.get(&key))
+                .filter(|old| old.weight == w && old.tls == s.tls)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(ServerState::new(s.address.clone(), w, s.tls)));
+            self.servers.insert(key, state.clone());
+            servers.push(state);
+        }
+        if let Some(hc) = &lb.health_check {
+            self.health.spawn(
+                name,
+                CheckSpec::from_config(hc),
+                transport.clone(),
+                &servers,
+            );
+        }
+        let proxy_protocol = transport.proxy_protocol().is_some();
+        let info = Arc::new(ServiceInfo {
+            name: name.to_owned(),
+            transport: Some(transport),
+            proxy_protocol,
+            termination_delay,
+            counters: Counters::default(),
+        });
+        Ok(Arc::new(Balancer::with_service(
+            servers
+                .into_iter()
+                .map(|s| (s.weight, Peer::Server(s)))
+                .collect(),
+            info,
+        )))
+    }
+}
+
+fn weight(w: i64) -> u32 {
+    w.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// Compiles `dynamic` for the entry points of `static_cfg`. `prev` (the tables in use) lets
+/// unchanged servers keep their state. Needs a tokio runtime (health checks are spawned).
+pub fn compile(
+    dynamic: &Dynamic,
+    static_cfg: &StaticConfig,
+    prev: Option<&Tables>,
+) -> (Tables, Vec<CompileError>) {
+    let mut errors = Vec::new();
+    let default = match Transport::new(DEFAULT_TRANSPORT, &static_cfg.tcp_servers_transport, None) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errors.push(CompileError {
+                kind: "serversTransport",
+                name: DEFAULT_TRANSPORT.into(),
+                message: e.to_string(),
+            });
+            None
+        }
+    };
+    let transports = default.map(|d| {
+        let (ts, errs) = Transports::build(
+            d,
+            &dynamic.tcp.servers_transports,
+            None,
+            prev.and_then(|p| p.transports.as_ref()),
+        );
+        for e in errs {
+            errors.push(CompileError {
+                kind: "serversTransport",
+                name: e.transport().to_owned(),
+                message: e.to_string(),
+            });
+        }
+        ts
+    });
+    let mut cx = Ctx {
+        dynamic,
+        prev,
+        transports,
+        services: HashMap::new(),
+        servers: HashMap::new(),
+        health: HealthChecks::default(),
+        errors,
+    };
+    let mut middlewares: HashMap<&str, Result<Arc<Middleware>, String>> = HashMap::new();
+    for (name, m) in &dynamic.tcp.middlewares {
+        let res = match (&m.ip_allow_list, &m.in_flight_conn) {
+            (Some(l), None) => IpAllowList::new(&l.source_range)
+                .map(|l| Arc::new(Middleware::IpAllowList(l)))
+                .map_err(|e| e.to_string()),
+            (None, Some(f)) if f.amount > 0 => Ok(Arc::new(Middleware::InFlightConn(
+                InFlightConn::new(f.amount as u64),
+            ))),
+            (None, Some(f)) => Err(format!(
+                "inFlightConn.amount must be positive, got {}",
+                f.amount
+            )),
+            _ => Err("a middleware needs exactly one of ipAllowList or inFlightConn".into()),
+        };
+        if let Err(e) = &res {
+            cx.errors.push(CompileError {
+                kind: "middleware",
+                name: name.clone(),
+                message: e.clone(),
+            });
+        }
+        middlewares.insert(name, res);
+    }
+
+    let (tls, tls_errors) = crate::tls::server_config(&dynamic.tls);
+    for e in tls_errors {
+        cx.errors.push(CompileError {
+            kind: "tls",
+            name: "certificates".into(),
+            message: e.to_string(),
+        });
+    }
+
+    let mut per_ep: BTreeMap<String, Vec<Arc<Route>>> = static_cfg
+        .entry_points
+        .keys()
+        .map(|k| (k.clone(), Vec::new()))
+        .collect();
+    let mut routers = HashMap::new();
+    for (name, r) in &dynamic.tcp.routers {
+        let res = compile_router(&mut cx, &middlewares, name, r);
+        let route = match res {
+            Ok(route) => route,
+            Err(message) => {
+                cx.errors.push(CompileError {
+                    kind: "router",
+                    name: name.clone(),
+                    message,
+                });
+                continue;
+            }
+        };
+        let eps: Vec<String> = if r.entry_points.is_empty() {
+            per_ep.keys().cloned().collect()
+        } else {
+            r.entry_points.clone()
+        };
+        let mut unknown = HashSet::new();
+        for ep in eps {
+            match per_ep.get_mut(&ep) {
+                Some(v) => v.push(route.clone()),
+                None => {
+                    unknown.insert(ep);
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            let mut u: Vec<_> = unknown.into_iter().collect();
+            u.sort();
+            cx.errors.push(CompileError {
+                kind: "router",
+                name: name.clone(),
+                message: format!(
+                    "entry point(s) {} not in the static configuration (adding entry points needs a restart)",
+                    u.join(", ")
+                ),
+            });
+        }
+        routers.insert(name.clone(), route);
+    }
+    let services = cx
+        .services
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().ok().map(|b| (k.clone(), b.clone())))
+        .collect();
+    let tables = Tables {
+        entry_points: per_ep
+            .into_iter()
+            .map(|(k, v)| (k, EntryTable::new(v)))
+            .collect(),
+        tls,
+        services,
+        routers,
+        servers: cx.servers,
+        transports: cx.transports,
+        health: cx.health,
+    };
+    (tables, cx.errors)
+}
+
+fn compile_router(
+    cx: &mut Ctx<'_>,
+    middlewares: &HashMap<&str, Result<Arc<Middleware>, String>>,
+    name: &str,
+    r: &tagway_config::Router,
+) -> Result<Arc<Route>, String> {
+    let rule = tagway_config::rule::parse(&r.rule).map_err(|e| e.to_string())?;
+    let tls = match &r.tls {
+        None => TlsMode::None,
+        Some(t) if t.passthrough => TlsMode::Passthrough,
+        Some(_) => TlsMode::Terminate,
+    };
+    if tls == TlsMode::None && rule.needs_tls() {
+        return Err(format!(
+            "rule {:?} matches on the TLS ClientHello (HostSNI with a name, HostSNIRegexp, ALPN): the router needs a tls section, or use HostSNI(`*`)",
+            r.rule
+        ));
+    }
+    let mut chain = Vec::new();
+    for m in &r.middlewares {
+        match middlewares.get(m.as_str()) {
+            Some(Ok(m)) => chain.push(m.clone()),
+            Some(Err(e)) => return Err(format!("middleware {m}: {e}")),
+            None => return Err(format!("middleware {m} does not exist")),
+        }
+    }
+    let service = cx.service(&r.service, &mut Vec::new())?;
+    Ok(Arc::new(Route {
+        name: name.to_owned(),
+        priority: r
+            .priority
+            .unwrap_or_else(|| Rule::default_priority(&r.rule)),
+        rule,
+        tls,
+        middlewares: chain,
+        service,
+        counters: Counters::default(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tagway_config::{EntryPoint, Router, Server, Service, Weighted, WeightedService};
+
+    fn st() -> StaticConfig {
+        let mut s = StaticConfig::default();
+        s.entry_points.insert(
+            "tcp".into(),
+            EntryPoint {
+                address: "127.0.0.1:0".into(),
+                ..Default::default()
+            },
+        );
+        s
+    }
+
+    fn lb(addrs: &[&str]) -> Service {
+        Service {
+            load_balancer: Some(LoadBalancer {
+                servers: addrs
+                    .iter()
+                    .map(|a| Server {
+                        address: (*a).into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            weighted: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn compiles_and_reports_broken_resources() {
+        let mut d = Dynamic::default();
+        d.tcp.services.insert("a@file".into(), lb(&["127.0.0.1:1"]));
+        d.tcp.services.insert(
+            "w@file".into(),
+            Service {
+                load_balancer: None,
+                weighted: Some(Weighted {
+                    services: vec![
+                        WeightedService {
+                            name: "a@file".into(),
+                            weight: Some(2),
+                        },
+                        WeightedService {
+                            name: "w@file".into(),
+                            weight: Some(1),
+                        },
+                    ],
+                }),
+            },
+        );
+        let router = |rule: &str, svc: &str| Router {
+            rule: rule.into(),
+            service: svc.into(),
+            ..Default::default()
+        };
+        d.tcp
+            .routers
+            .insert("ok@file".into(), router("HostSNI(`*`)", "a@file"));
+        d.tcp
+            .routers
+            .insert("cycle@file".into(), router("HostSNI(`*`)", "w@file"));
+        d.tcp.routers.insert(
+            "needs-tls@file".into(),
+            router("HostSNI(`a.example`)", "a@file"),
+        );
+        d.tcp
+            .routers
+            .insert("missing@file".into(), router("HostSNI(`*`)", "nope@file"));
+        let mut bad_ep = router("HostSNI(`*`)", "a@file");
+        bad_ep.entry_points = vec!["other".into()];
+        d.tcp.routers.insert("bad-ep@file".into(), bad_ep);
+        let (t, errs) = compile(&d, &st(), None);
+        let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(msgs.iter().any(|m| m.contains("cycle")), "{msgs:?}");
+        assert!(
+            msgs.iter().any(|m| m.starts_with("router needs-tls@file")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains("nope@file does not exist")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains("entry point(s) other")),
+            "{msgs:?}"
+        );
+        assert!(t.routers.contains_key("ok@file"));
+        assert!(!t.routers.contains_key("cycle@file"));
+        assert!(!t.entry_points["tcp"].needs_peek());
+        // Server state survives a reload.
+        let s1 = t.servers().next().unwrap().1.clone();
+        s1.set_healthy(false);
+        let (t2, _) = compile(&d, &st(), Some(&t));
+        let s2 = t2.servers().next().unwrap().1.clone();
+        assert!(Arc::ptr_eq(&s1, &s2));
+    }
+}

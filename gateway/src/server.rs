@@ -1,0 +1,358 @@
+//! The gateway: binds the entry points of the static configuration, compiles every dynamic
+//! configuration it receives into runtime tables (swapped atomically), serves connections, and
+//! drains on shutdown.
+//!
+//! ```no_run
+//! # async fn example(static_cfg: tagway_config::StaticConfig,
+//! #     rx: tokio::sync::watch::Receiver<std::sync::Arc<tagway_config::Dynamic>>) -> Result<(), tagway::server::GatewayError> {
+//! let mut gw = tagway::server::Gateway::new(static_cfg);
+//! gw.bind()?; // listeners are bound before run (tests use port 0 and read local_addr)
+//! gw.run(rx, tagway::server::shutdown_signal()).await
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tagway_config::{Dynamic, StaticConfig};
+use tokio::sync::watch;
+
+use crate::conn::{EntryPointState, Options};
+use crate::entrypoint::{self, BindError};
+use crate::metrics::EntryPointCounters;
+use crate::proxy_in::ProxyInbound;
+use crate::runtime::{self, Tables};
+
+/// Why the gateway cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// An entry point cannot be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// An entry point's `proxyProtocol.trustedIPs` holds an invalid range.
+    #[error("entry point {entry_point}: proxyProtocol.trustedIPs: {source}")]
+    TrustedIps {
+        /// The entry point.
+        entry_point: String,
+        /// The error.
+        source: crate::middleware::RangeError,
+    },
+}
+
+/// A view of the running gateway: current tables and entry-point counters (for metrics, admin and
+/// tests).
+#[derive(Clone, Debug)]
+pub struct GatewayHandle {
+    tables: Arc<ArcSwap<Tables>>,
+    entry_points: Arc<HashMap<String, Arc<EntryPointCounters>>>,
+    generation: watch::Receiver<u64>,
+}
+
+impl GatewayHandle {
+    /// The tables in use now.
+    pub fn tables(&self) -> Arc<Tables> {
+        self.tables.load_full()
+    }
+
+    /// Counters of an entry point.
+    pub fn entry_point(&self, name: &str) -> Option<&Arc<EntryPointCounters>> {
+        self.entry_points.get(name)
+    }
+
+    /// Waits until at least `n` configurations have been applied (the first one is 1).
+    pub async fn applied(&mut self, n: u64) {
+        let _ = self.generation.wait_for(|g| *g >= n).await;
+    }
+}
+
+/// The TCP gateway.
+pub struct Gateway {
+    static_cfg: StaticConfig,
+    options: Arc<Options>,
+    listeners: Vec<(String, std::net::TcpListener)>,
+    tables: Arc<ArcSwap<Tables>>,
+    counters: Arc<HashMap<String, Arc<EntryPointCounters>>>,
+    generation: (watch::Sender<u64>, watch::Receiver<u64>),
+}
+
+impl Gateway {
+    /// A gateway for `static_cfg` (entry points, default transport, shutdown grace period).
+    pub fn new(static_cfg: StaticConfig) -> Self {
+        let counters = static_cfg
+            .entry_points
+            .keys()
+            .map(|k| (k.clone(), Arc::new(EntryPointCounters::default())))
+            .collect();
+        Gateway {
+            static_cfg,
+            options: Arc::new(Options::default()),
+            listeners: Vec::new(),
+            tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
+            counters: Arc::new(counters),
+            generation: watch::channel(0),
+        }
+    }
+
+    /// Replaces the data-plane tunables.
+    pub fn with_options(mut self, options: Options) -> Self {
+        self.options = Arc::new(options);
+        self
+    }
+
+    /// Binds every entry point (idempotent). Must run inside a tokio runtime.
+    pub fn bind(&mut self) -> Result<(), GatewayError> {
+        if !self.listeners.is_empty() {
+            return Ok(());
+        }
+        for (name, ep) in &self.static_cfg.entry_points {
+            let l = entrypoint::bind(name, &ep.address)?;
+            tracing::info!(entry_point = %name, address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+            self.listeners.push((name.clone(), l));
+        }
+        Ok(())
+    }
+
+    /// The bound address of an entry point (after [`Gateway::bind`]).
+    pub fn local_addr(&self, entry_point: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == entry_point)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    /// A handle on the running state.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            tables: self.tables.clone(),
+            entry_points: self.counters.clone(),
+            generation: self.generation.1.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` resolves: applies every configuration `config_rx` carries (the
+    /// current one at once), then on shutdown stops accepting, waits for open connections up to
+    /// `shutdown.gracePeriod` and closes the rest.
+    pub async fn run(
+        mut self,
+        mut config_rx: watch::Receiver<Arc<Dynamic>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), GatewayError> {
+        self.bind()?;
+        let static_cfg = Arc::new(self.static_cfg.clone());
+        // First configuration, then a task applying every change.
+        apply(&static_cfg, &self.tables, &config_rx.borrow_and_update());
+        let gen_tx = self.generation.0.clone();
+        gen_tx.send_modify(|g| *g += 1);
+        let reload = {
+            let static_cfg = static_cfg.clone();
+            let tables = self.tables.clone();
+            tokio::spawn(async move {
+                while config_rx.changed().await.is_ok() {
+                    let cfg = config_rx.borrow_and_update().clone();
+                    apply(&static_cfg, &tables, &cfg);
+                    gen_tx.send_modify(|g| *g += 1);
+                }
+            })
+        };
+
+        let grace = static_cfg
+            .shutdown
+            .grace_period
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let workers = self.options.workers.max(1);
+        // One set of accept loops per worker thread; this runtime serves the first.
+        let mut per_worker: Vec<Vec<LoopSpec>> = (1..workers).map(|_| Vec::new()).collect();
+        let mut loops = Vec::new();
+        for (name, listener) in std::mem::take(&mut self.listeners) {
+            let ep_cfg = &static_cfg.entry_points[&name];
+            let proxy_in = match &ep_cfg.proxy_protocol {
+                Some(p) => Some(ProxyInbound::new(&p.trusted_ips, p.insecure).map_err(
+                    |source| GatewayError::TrustedIps {
+                        entry_point: name.clone(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
+            let counters = self.counters[&name].clone();
+            let state = Arc::new(EntryPointState {
+                name: name.as_str().into(),
+                proxy_in,
+                counters,
+            });
+            let limit = entrypoint::connection_limit(ep_cfg.max_connections);
+            if let Ok(addr) = listener.local_addr() {
+                for w in per_worker.iter_mut() {
+                    match entrypoint::bind_addr(addr) {
+                        Ok(l) => w.push(LoopSpec {
+                            listener: l,
+                            state: state.clone(),
+                            limit: limit.clone(),
+                        }),
+                        Err(e) => tracing::warn!(entry_point = %name, error = %e,
+                            "cannot add a worker listener (SO_REUSEPORT); fewer threads serve it"),
+                    }
+                }
+            }
+            loops.push(tokio::spawn(serve_loop(
+                LoopSpec {
+                    listener,
+                    state,
+                    limit,
+                },
+                self.tables.clone(),
+                self.options.clone(),
+                stop_rx.clone(),
+                grace,
+            )));
+        }
+        let mut worker_done = Vec::new();
+        for (i, specs) in per_worker.into_iter().enumerate() {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let tables = self.tables.clone();
+            let opts = self.options.clone();
+            let stop = stop_rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tagway-worker-{}", i + 1))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a worker runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let handles: Vec<_> = specs
+                            .into_iter()
+                            .map(|spec| {
+                                tokio::spawn(serve_loop(
+                                    spec,
+                                    tables.clone(),
+                                    opts.clone(),
+                                    stop.clone(),
+                                    grace,
+                                ))
+                            })
+                            .collect();
+                        for h in handles {
+                            let _ = h.await;
+                        }
+                    });
+                    let _ = done_tx.send(());
+                });
+            match spawned {
+                Ok(_) => worker_done.push(done_rx),
+                Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+            }
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new connections");
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        for d in worker_done {
+            let _ = d.await;
+        }
+        reload.abort();
+        Ok(())
+    }
+}
+
+/// One accept loop to run: a listener and its entry point.
+struct LoopSpec {
+    listener: std::net::TcpListener,
+    state: Arc<EntryPointState>,
+    limit: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+async fn serve_loop(
+    spec: LoopSpec,
+    tables: Arc<ArcSwap<Tables>>,
+    opts: Arc<Options>,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let state = spec.state;
+    entrypoint::accept_loop(
+        state.name.clone(),
+        spec.listener,
+        spec.limit,
+        state.counters.clone(),
+        stop,
+        grace,
+        move |stream, peer| {
+            crate::conn::serve(
+                stream,
+                peer,
+                state.clone(),
+                tables.load_full(),
+                opts.clone(),
+            )
+        },
+    )
+    .await;
+}
+
+/// Compiles `cfg` and swaps it in, logging what could not be compiled.
+fn apply(static_cfg: &StaticConfig, tables: &ArcSwap<Tables>, cfg: &Dynamic) {
+    let prev = tables.load_full();
+    let (new, errors) = runtime::compile(cfg, static_cfg, Some(&prev));
+    for e in &errors {
+        tracing::error!(error = %e, "configuration resource skipped");
+    }
+    tracing::debug!(
+        routers = new.routers.len(),
+        services = new.services.len(),
+        health_checks = new.health_checks(),
+        "runtime tables swapped"
+    );
+    tables.store(Arc::new(new));
+}
+
+/// The runtime to call [`Gateway::run`] on: a single-thread (current-thread) runtime. The gateway
+/// itself starts `Options::workers - 1` more threads (default `TOKIO_WORKER_THREADS`, else one per
+/// CPU), each with its own single-thread runtime and its own SO_REUSEPORT listeners: no
+/// work-stealing and no cross-thread wakeups in the data path (nginx's worker model).
+pub fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => tracing::info!("SIGTERM received"),
+                    _ = i.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
