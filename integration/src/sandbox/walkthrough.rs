@@ -53,31 +53,38 @@ pub(super) fn render(info: &SandboxInfo, b: &Backends, notes: &[String]) -> Stri
         info.access_log.display()
     );
     let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "  service       instances                                   entry point"
-    );
-    let _ = writeln!(
-        s,
-        "  pg-echo       v1 {} (weight 3), v2 {} (weight 1)  {EP_ECHO:<8} {echo}",
-        b.echo_v1.addr, b.echo_v2.addr
-    );
-    let _ = writeln!(
-        s,
-        "  secure        {:<43} {EP_TLS:<8} {tls}  (TLS passthrough, SNI {})",
-        b.secure.addr.to_string(),
-        info.secure_server_name
-    );
-    let _ = writeln!(
-        s,
-        "  client-addr   {:<43} {EP_PROXIED:<8} {proxied}  (PROXY protocol v1 to the backend)",
-        b.client_addr.addr.to_string()
-    );
-    let _ = writeln!(
-        s,
-        "  hello         {:<43} {EP_EXTRA:<8} {extra}  (running, NOT registered yet)",
-        b.hello.addr.to_string()
-    );
+    let rows = [
+        ("service", "entry point".to_owned(), "instances".to_owned()),
+        (
+            "pg-echo",
+            format!("{EP_ECHO} {echo}"),
+            format!(
+                "v1 {} (weight 3), v2 {} (weight 1)",
+                b.echo_v1.addr, b.echo_v2.addr
+            ),
+        ),
+        (
+            "secure",
+            format!("{EP_TLS} {tls}"),
+            format!(
+                "{} (TLS passthrough, SNI {})",
+                b.secure.addr, info.secure_server_name
+            ),
+        ),
+        (
+            "client-addr",
+            format!("{EP_PROXIED} {proxied}"),
+            format!("{} (PROXY protocol v1 to the backend)", b.client_addr.addr),
+        ),
+        (
+            "hello",
+            format!("{EP_EXTRA} {extra}"),
+            format!("{} (running, NOT registered yet)", b.hello.addr),
+        ),
+    ];
+    for (service, entry, instances) in rows {
+        let _ = writeln!(s, "  {service:<12} {entry:<26} {instances}");
+    }
     let _ = writeln!(s);
     let _ = writeln!(s, "Their tags:  curl -s {catalog}/v1/catalog/services");
     let _ = writeln!(s);
