@@ -324,7 +324,7 @@ async fn handle(
                 .await
                 .map_err(|_| std::io::Error::other("TLS handshake timed out"))??;
             let sni = tls.get_ref().1.server_name().unwrap_or("(none)").to_owned();
-            tracing::info!(%peer, %sni, "secure: TLS handshake with a client through the gateway");
+            tracing::info!(%peer, %sni, "secure: TLS handshake done (the backend terminates TLS)");
             let greeting = format!(
                 "secure answered over TLS it terminated itself (SNI {sni}); the gateway only passed the bytes through\n"
             );
