@@ -344,9 +344,18 @@ async fn admin_api(sb: &Running) -> Result<()> {
         .await?
         .text()
         .await?;
+    // Every connection of the weighted-split check (16 + 1) went through router pg-echo.
+    let routed: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("tagway_router_connections_total{")
+                && l.contains("router=\"pg-echo@consulcatalog\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
     ensure!(
-        metrics.contains("tagway_"),
-        "no tagway_ metric in:\n{metrics}"
+        routed >= 17.0,
+        "tagway_router_connections_total for pg-echo@consulcatalog = {routed}:\n{metrics}"
     );
     Ok(())
 }
