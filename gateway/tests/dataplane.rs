@@ -48,7 +48,9 @@ async fn half_close_client_reads_whole_answer() {
         s.write_all(&answer).await.unwrap();
         s.shutdown().await.unwrap();
     });
-    let gw = start(static_cfg(), simple(&[(addr, 1)])).await;
+    let mut st = static_cfg();
+    st.tcp_servers_transport.termination_delay = tagway_config::Duration::from_secs(10);
+    let gw = start(st, simple(&[(addr, 1)])).await;
     let mut c = TcpStream::connect(gw.addr()).await.unwrap();
     c.write_all(b"question").await.unwrap();
     c.shutdown().await.unwrap();

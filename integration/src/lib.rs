@@ -2,4 +2,5 @@
 #![warn(missing_docs)]
 
 pub mod catalog;
+pub mod e2e;
 pub mod sandbox;

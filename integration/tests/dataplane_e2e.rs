@@ -1,0 +1,469 @@
+//! End-to-end tests of the data plane: the real `tagway` binary (`tagway run --config`) with a
+//! file-provider configuration, real backends and clients on 127.0.0.1.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tagway_integration::e2e::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn one_route(servers: &[(SocketAddr, i64)]) -> String {
+    format!(
+        "{}{}",
+        router_toml("r", "HostSNI(`*`)", "s", ""),
+        service_toml("s", servers)
+    )
+}
+
+#[tokio::test]
+async fn weighted_three_to_one_smooth_and_weight_zero_never_chosen() -> anyhow::Result<()> {
+    let a = named_backend("A").await?;
+    let b = named_backend("B").await?;
+    let z = named_backend("Z").await?;
+    let gw = Gateway::start(&["tcp"], "", &one_route(&[(a, 3), (b, 1), (z, 0)]))?;
+    let mut seq = String::new();
+    for _ in 0..400 {
+        seq.push_str(&String::from_utf8(
+            exchange(gw.addr("tcp"), None, b"").await?,
+        )?);
+    }
+    let na = seq.matches('A').count();
+    let nb = seq.matches('B').count();
+    assert_eq!(seq.len(), 400, "{seq}");
+    assert!(!seq.contains('Z'), "weight 0 was chosen: {seq}");
+    // 3:1 within ±2% of the 400 connections.
+    assert!((292..=308).contains(&na), "A = {na}");
+    assert!((92..=108).contains(&nb), "B = {nb}");
+    // Smooth: no long bursts of one server.
+    assert!(!seq.contains("AAAA") && !seq.contains("BB"), "{seq}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn half_close_client_reads_the_whole_answer() -> anyhow::Result<()> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = l.accept().await {
+            let mut q = Vec::new();
+            let _ = s.read_to_end(&mut q).await;
+            let answer: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+            let _ = s.write_all(&q).await;
+            let _ = s.write_all(&answer).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    // The answer must come within terminationDelay of the client's FIN (Traefik's semantics);
+    // a generous one keeps the test independent of the machine's load.
+    let gw = Gateway::start(
+        &["tcp"],
+        "[tcpServersTransport]\nterminationDelay = \"10s\"\n",
+        &one_route(&[(addr, 1)]),
+    )?;
+    let mut c = TcpStream::connect(gw.addr("tcp")).await?;
+    c.write_all(b"question").await?;
+    c.shutdown().await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut got)).await??;
+    assert!(
+        got.len() >= 8,
+        "got {} bytes; log:\n{}",
+        got.len(),
+        gw.log_text()
+    );
+    assert_eq!(&got[..8], b"question");
+    assert_eq!(got.len(), 8 + (1 << 20));
+    assert!(
+        got[8..]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 253) as u8)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn termination_delay_cuts_a_peer_that_never_closes() -> anyhow::Result<()> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let gw = Gateway::start(
+        &["tcp"],
+        "[tcpServersTransport]\nterminationDelay = \"400ms\"\n",
+        &one_route(&[(addr, 1)]),
+    )?;
+    let mut c = TcpStream::connect(gw.addr("tcp")).await?;
+    c.write_all(b"x").await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    c.shutdown().await?;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest)).await?;
+    let took = start.elapsed();
+    // Cut after the delay, with a generous tolerance for shared CI cores.
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn server_first_backend_speaks_first() -> anyhow::Result<()> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 smtp ready\r\n").await;
+                let mut b = [0u8; 64];
+                if let Ok(n) = s.read(&mut b).await {
+                    let _ = s.write_all(&b[..n]).await;
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&["tcp"], "", &one_route(&[(addr, 1)]))?;
+    let mut c = TcpStream::connect(gw.addr("tcp")).await?;
+    let mut banner = [0u8; 16];
+    // The client sends nothing: the banner arrives anyway.
+    tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut banner)).await??;
+    assert_eq!(&banner, b"220 smtp ready\r\n");
+    c.write_all(b"HELO").await?;
+    let mut e = [0u8; 4];
+    c.read_exact(&mut e).await?;
+    assert_eq!(&e, b"HELO");
+    Ok(())
+}
+
+fn sni_routes(one: SocketAddr, two: SocketAddr, tls_section: &str) -> String {
+    format!(
+        "{}{}{}{}",
+        router_toml("one", "HostSNI(`one.example`)", "one", tls_section),
+        router_toml("two", "HostSNI(`two.example`)", "two", tls_section),
+        service_toml("one", &[(one, 1)]),
+        service_toml("two", &[(two, 1)]),
+    )
+}
+
+#[tokio::test]
+async fn sni_routing_with_passthrough() -> anyhow::Result<()> {
+    let (c1, k1) = cert(&["one.example"])?;
+    let (c2, k2) = cert(&["two.example"])?;
+    let one = tls_backend("ONE", &c1, &k1).await?;
+    let two = tls_backend("TWO", &c2, &k2).await?;
+    let tls = "[tcp.routers.NAME.tls]\npassthrough = true\n";
+    let mut cfg = String::new();
+    cfg.push_str(&router_toml(
+        "one",
+        "HostSNI(`one.example`)",
+        "one",
+        &tls.replace("NAME", "one"),
+    ));
+    cfg.push_str(&router_toml(
+        "two",
+        "HostSNI(`two.example`)",
+        "two",
+        &tls.replace("NAME", "two"),
+    ));
+    cfg.push_str(&service_toml("one", &[(one, 1)]));
+    cfg.push_str(&service_toml("two", &[(two, 1)]));
+    let gw = Gateway::start(&["tcp"], "", &cfg)?;
+    // The backends' own certificates reach the client: the stream is untouched.
+    assert_eq!(
+        tls_exchange(gw.addr("tcp"), &c1, "one.example").await?,
+        b"ONE"
+    );
+    assert_eq!(
+        tls_exchange(gw.addr("tcp"), &c2, "two.example").await?,
+        b"TWO"
+    );
+    // Plaintext on an entry point with only TLS routers is closed.
+    assert_eq!(exchange(gw.addr("tcp"), None, b"hello").await?, b"");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sni_routing_with_termination() -> anyhow::Result<()> {
+    let one = named_backend("ONE").await?;
+    let two = named_backend("TWO").await?;
+    let (c1, k1) = cert(&["one.example"])?;
+    let (c2, k2) = cert(&["two.example"])?;
+    let mut cfg = String::new();
+    cfg.push_str(&router_toml(
+        "one",
+        "HostSNI(`one.example`)",
+        "one",
+        "[tcp.routers.one.tls]\n",
+    ));
+    cfg.push_str(&router_toml(
+        "two",
+        "HostSNI(`two.example`)",
+        "two",
+        "[tcp.routers.two.tls]\n",
+    ));
+    cfg.push_str(&service_toml("one", &[(one, 1)]));
+    cfg.push_str(&service_toml("two", &[(two, 1)]));
+    for (c, k) in [(&c1, &k1), (&c2, &k2)] {
+        cfg.push_str(&format!(
+            "[[tls.certificates]]\ncertFile = {}\nkeyFile = {}\n",
+            toml_pem(c),
+            toml_pem(k)
+        ));
+    }
+    let gw = Gateway::start(&["tcp"], "", &cfg)?;
+    // Each client trusts only its name's certificate: SNI selected it.
+    assert_eq!(
+        tls_exchange(gw.addr("tcp"), &c1, "one.example").await?,
+        b"ONE"
+    );
+    assert_eq!(
+        tls_exchange(gw.addr("tcp"), &c2, "two.example").await?,
+        b"TWO"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn fragmented_client_hello_is_reassembled() -> anyhow::Result<()> {
+    let (c1, k1) = cert(&["one.example"])?;
+    let (c2, k2) = cert(&["two.example"])?;
+    let one = tls_backend("ONE", &c1, &k1).await?;
+    let two = tls_backend("TWO", &c2, &k2).await?;
+    let cfg = sni_routes(one, two, "")
+        .replace(
+            "service = \"one\"\n",
+            "service = \"one\"\n[tcp.routers.one.tls]\npassthrough = true\n",
+        )
+        .replace(
+            "service = \"two\"\n",
+            "service = \"two\"\n[tcp.routers.two.tls]\npassthrough = true\n",
+        );
+    let gw = Gateway::start(&["tcp"], "", &cfg)?;
+    // The client's first flight is re-framed into 1-byte TLS records, each written separately.
+    let (mut app, relay_side) = tokio::io::duplex(1 << 16);
+    let up_addr = gw.addr("tcp");
+    let relay = tokio::spawn(async move {
+        let mut up = TcpStream::connect(up_addr).await?;
+        up.set_nodelay(true)?;
+        let (mut rr, mut rw) = tokio::io::split(relay_side);
+        let mut hdr = [0u8; 5];
+        rr.read_exact(&mut hdr).await?;
+        let len = u16::from_be_bytes([hdr[3], hdr[4]]) as usize;
+        let mut body = vec![0u8; len];
+        rr.read_exact(&mut body).await?;
+        for b in body {
+            up.write_all(&[22, 3, 1, 0, 1, b]).await?;
+            up.flush().await?;
+        }
+        let (mut ur, mut uw) = up.into_split();
+        let a = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut rr, &mut uw).await;
+            let _ = uw.shutdown().await;
+        });
+        let _ = tokio::io::copy(&mut ur, &mut rw).await;
+        let _ = rw.shutdown().await;
+        a.abort();
+        anyhow::Ok(())
+    });
+    let sn = rustls_pki_types::ServerName::try_from("two.example")?;
+    let mut t = tokio::time::timeout(WAIT, tls_connector(&c2)?.connect(sn, &mut app)).await??;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await?;
+    assert_eq!(out, b"TWO");
+    drop(t);
+    drop(app);
+    relay.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn reload_removing_the_route_keeps_the_open_connection() -> anyhow::Result<()> {
+    let echo = echo_backend().await?;
+    let other = named_backend("OTHER").await?;
+    let gw = Gateway::start(&["tcp"], "", &one_route(&[(echo, 1)]))?;
+    let mut c = TcpStream::connect(gw.addr("tcp")).await?;
+    c.write_all(b"ping").await?;
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).await?;
+    // The route now goes elsewhere: the old service and server are gone from the tables.
+    gw.reload(&format!(
+        "{}{}",
+        router_toml("r2", "HostSNI(`*`)", "s2", ""),
+        service_toml("s2", &[(other, 1)])
+    ))
+    .await?;
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"OTHER");
+    // The established connection keeps flowing to its removed server.
+    c.write_all(b"pong").await?;
+    c.read_exact(&mut b).await?;
+    assert_eq!(&b, b"pong");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_open_connection() -> anyhow::Result<()> {
+    let echo = echo_backend().await?;
+    let mut gw = Gateway::start(
+        &["tcp"],
+        "[shutdown]\ngracePeriod = \"10s\"\n",
+        &one_route(&[(echo, 1)]),
+    )?;
+    let mut c = TcpStream::connect(gw.addr("tcp")).await?;
+    c.write_all(b"one").await?;
+    let mut b = [0u8; 3];
+    c.read_exact(&mut b).await?;
+    gw.signal("-TERM")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Still draining: the open connection works, the process runs.
+    c.write_all(b"two").await?;
+    c.read_exact(&mut b).await?;
+    assert_eq!(&b, b"two");
+    assert!(gw.is_running());
+    // New connections are refused.
+    assert!(TcpStream::connect(gw.addr("tcp")).await.is_err());
+    drop(c);
+    assert_eq!(gw.wait_exit(WAIT).await?, Some(0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_check_removes_a_dead_backend_and_readds_it() -> anyhow::Result<()> {
+    let a = named_backend("A").await?;
+    let b_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let cfg = format!(
+        "{}[tcp.services.s.loadBalancer.healthCheck]\ninterval = \"100ms\"\ntimeout = \"500ms\"\n",
+        one_route(&[(a, 1), (b_addr, 1)])
+    );
+    let gw = Gateway::start(&["tcp"], "", &cfg)?;
+    // B is down: after a check or two every connection goes to A.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut seen = String::new();
+        for _ in 0..6 {
+            seen.push_str(&String::from_utf8(
+                exchange(gw.addr("tcp"), None, b"").await?,
+            )?);
+        }
+        if seen == "AAAAAA" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never left the rotation: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // B comes back and is picked again.
+    let l = TcpListener::bind(b_addr).await?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(b"B").await;
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut seen = String::new();
+        for _ in 0..4 {
+            seen.push_str(&String::from_utf8(
+                exchange(gw.addr("tcp"), None, b"").await?,
+            )?);
+        }
+        if seen.contains('B') {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn dial_failure_is_retried_on_the_next_server() -> anyhow::Result<()> {
+    let a = named_backend("A").await?;
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    // The dead server has the larger weight: it is picked first, fails, and A answers.
+    let gw = Gateway::start(&["tcp"], "", &one_route(&[(dead, 5), (a, 1)]))?;
+    for _ in 0..5 {
+        assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"A");
+    }
+    assert!(gw.log_text().contains("dial failed"), "{}", gw.log_text());
+    Ok(())
+}
+
+#[tokio::test]
+async fn ip_allow_list_refuses_a_client() -> anyhow::Result<()> {
+    let a = named_backend("A").await?;
+    let cfg = format!(
+        "{}{}[tcp.middlewares.allow.ipAllowList]\nsourceRange = [\"127.0.0.1/32\"]\n",
+        router_toml("r", "HostSNI(`*`)", "s", "middlewares = [\"allow\"]"),
+        service_toml("s", &[(a, 1)])
+    );
+    let gw = Gateway::start(&["tcp"], "", &cfg)?;
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.1"), b"").await?,
+        b"A"
+    );
+    assert_eq!(exchange(gw.addr("tcp"), Some("127.0.0.2"), b"").await?, b"");
+    Ok(())
+}
+
+#[tokio::test]
+async fn inbound_proxy_protocol_from_trusted_and_untrusted_addresses() -> anyhow::Result<()> {
+    // A ClientIP router sends 192.0.2.0/24 (the address inside the PROXY header) to PROXIED.
+    let proxied = named_backend("PROXIED").await?;
+    let direct = named_backend("DIRECT").await?;
+    let (c1, k1) = cert(&["one.example"])?;
+    let tls_b = tls_backend("ONE", &c1, &k1).await?;
+    let mut cfg = String::new();
+    cfg.push_str(&router_toml(
+        "p",
+        "ClientIP(`192.0.2.0/24`)",
+        "p",
+        "priority = 100",
+    ));
+    cfg.push_str(&router_toml("d", "HostSNI(`*`)", "d", ""));
+    // A TLS router makes the entry point read the first bytes, where a header would be.
+    cfg.push_str(&router_toml(
+        "t",
+        "HostSNI(`one.example`)",
+        "t",
+        "[tcp.routers.t.tls]\npassthrough = true\n",
+    ));
+    cfg.push_str(&service_toml("p", &[(proxied, 1)]));
+    cfg.push_str(&service_toml("d", &[(direct, 1)]));
+    cfg.push_str(&service_toml("t", &[(tls_b, 1)]));
+    let gw = Gateway::start(
+        &["tcp"],
+        "[entryPoints.tcp.proxyProtocol]\ntrustedIPs = [\"127.0.0.1\"]\n",
+        &cfg,
+    )?;
+    let header = b"PROXY TCP4 192.0.2.9 127.0.0.1 5555 80\r\nhello";
+    // Trusted: the header's address is the client's.
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.1"), header).await?,
+        b"PROXIED"
+    );
+    // Trusted without a header: its own address.
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.1"), b"hello").await?,
+        b"DIRECT"
+    );
+    // Untrusted with a header: refused.
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.2"), header).await?,
+        b""
+    );
+    // Untrusted without a header: served with its own address.
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.2"), b"hello").await?,
+        b"DIRECT"
+    );
+    Ok(())
+}
