@@ -111,8 +111,8 @@ pub struct ServiceInfo {
     pub proxy_protocol: bool,
     /// How long the other side may stay open after one side closed (None = no deadline).
     pub termination_delay: Option<Duration>,
-    /// Counters of the service.
-    pub counters: Counters,
+    /// Counters of the service (kept across reloads while the service keeps its name).
+    pub counters: Arc<Counters>,
 }
 
 /// A picked server and the load-balancer service it belongs to.

@@ -16,6 +16,8 @@ use crate::clienthello::{self, Peeked};
 use crate::copy::{self, Outcome, Transferred};
 use crate::dial::{BackendStream, ClientAddrs};
 use crate::metrics::{Counters, EntryPointCounters};
+use crate::observability::counters::Failure;
+use crate::observability::tally::Tally;
 use crate::proxy_in::{self, ProxyInbound};
 use crate::router::{ConnInfo, Route, TlsMode};
 use crate::runtime::Tables;
@@ -70,6 +72,8 @@ pub struct EntryPointState {
     pub proxy_in: Option<ProxyInbound>,
     /// Counters.
     pub counters: Arc<EntryPointCounters>,
+    /// Where access-log records go (None: access log off).
+    pub access_log: Option<crate::observability::accesslog::AccessLogSender>,
 }
 
 /// A stream that first yields `prefix` (bytes already read), then the inner stream.
@@ -124,6 +128,7 @@ pub async fn serve(
     tables: Arc<Tables>,
     opts: Arc<Options>,
 ) {
+    let mut tally = Tally::start(&ep, peer);
     let mut stream = stream;
     let mut buf: Vec<u8> = Vec::new();
     // `dst` is filled in (getsockname) only when a PROXY header toward the backend needs it.
@@ -144,10 +149,12 @@ pub async fn serve(
                     destination: a.dst,
                 };
                 dst_known = true;
+                tally.client(a.src);
             }
             Ok(None) => {}
             Err(e) => {
                 EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
+                tally.fail(Failure::ProxyProtocol);
                 tracing::debug!(entry_point = %ep.name, error = %e, "PROXY header refused");
                 return;
             }
@@ -155,6 +162,7 @@ pub async fn serve(
     }
     let Some(table) = tables.entry_points.get(&*ep.name) else {
         EntryPointCounters::inc(&ep.counters.unrouted);
+        tally.fail(Failure::NoRoute);
         return;
     };
     let peeked = if table.needs_peek() {
@@ -162,6 +170,10 @@ pub async fn serve(
             Ok(p) => p,
             Err(e) => {
                 EntryPointCounters::inc(&ep.counters.peek_errors);
+                tally.fail(match e {
+                    clienthello::PeekError::Timeout { .. } => Failure::PeekTimeout,
+                    _ => Failure::PeekError,
+                });
                 tracing::debug!(entry_point = %ep.name, client = %client.source, error = %e, "ClientHello peek failed");
                 return;
             }
@@ -171,6 +183,7 @@ pub async fn serve(
     };
     if ep.proxy_in.is_some() && !trusted && proxy_in::looks_like_header(&buf) && buf.len() >= 5 {
         EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
+        tally.fail(Failure::ProxyProtocol);
         tracing::debug!(entry_point = %ep.name, peer = %peer, "PROXY header from an untrusted address refused");
         return;
     }
@@ -186,13 +199,16 @@ pub async fn serve(
     };
     let Some(route) = table.route(&info).cloned() else {
         EntryPointCounters::inc(&ep.counters.unrouted);
+        tally.fail(Failure::NoRoute);
         tracing::debug!(entry_point = %ep.name, client = %client.source, sni = ?sni, tls = is_tls, "no router matches; closing");
         return;
     };
+    tally.routed(&route, sni);
     let _guards = match crate::middleware::apply(&route.middlewares, client.source.ip()) {
         Ok(g) => g,
         Err(r) => {
             EntryPointCounters::inc(&ep.counters.refused);
+            tally.refused(&route, r);
             tracing::debug!(router = %route.name, client = %client.source, reason = r.as_str(), "refused by a middleware");
             return;
         }
@@ -205,7 +221,10 @@ pub async fn serve(
         let cfg = tables.tls.clone();
         drop(tables);
         // Boxed: the TLS state is large and only this path needs it.
-        Box::pin(terminate(stream, buf, cfg, &route, client, &ep, &opts)).await;
+        Box::pin(terminate(
+            stream, buf, cfg, &route, client, &ep, &opts, &mut tally,
+        ))
+        .await;
         return;
     }
     drop(tables);
@@ -216,15 +235,17 @@ pub async fn serve(
             stream.local_addr().unwrap_or(peer)
         }
     };
-    let Some((pick, mut backend)) = dial(&route, client, &local, &opts).await else {
+    let Some((pick, mut backend)) = dial(&route, client, &local, &opts, &mut tally).await else {
         return;
     };
+    tally.connected(&pick);
     let _srv_open = pick.server.counters.open();
     let _svc_open = pick.service.counters.open();
     let initial = buf.len() as u64;
     if !buf.is_empty() {
         if let Err(e) = backend.write_all(&buf).await {
             tracing::debug!(server = %pick.server.address, error = %e, "writing the peeked bytes failed");
+            tally.finished(&pick, &Transferred::default(), &Outcome::Error(e));
             return;
         }
         buf = Vec::new();
@@ -237,10 +258,12 @@ pub async fn serve(
         _ => copy::copy_buffered(&mut stream, &mut backend, delay).await,
     };
     t.to_backend += initial;
+    tally.finished(&pick, &t, &outcome);
     account(&route, &pick, t, &outcome);
 }
 
 /// Terminates TLS (replaying the peeked bytes to rustls), then copies plaintext to the server.
+#[allow(clippy::too_many_arguments)]
 async fn terminate(
     stream: TcpStream,
     buf: Vec<u8>,
@@ -249,9 +272,11 @@ async fn terminate(
     client: ClientAddrs,
     ep: &EntryPointState,
     opts: &Options,
+    tally: &mut Tally<'_>,
 ) {
     let Some(cfg) = cfg else {
         EntryPointCounters::inc(&ep.counters.tls_errors);
+        tally.tls_failed();
         return;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
@@ -264,24 +289,28 @@ async fn terminate(
         Ok(s) => s,
         Err(e) => {
             EntryPointCounters::inc(&ep.counters.tls_errors);
+            tally.tls_failed();
             tracing::debug!(router = %route.name, client = %client.source, error = %e, "TLS handshake failed");
             return;
         }
     };
-    let Some((pick, mut backend)) = dial(route, client, &|| client.destination, opts).await else {
+    let Some((pick, mut backend)) = dial(route, client, &|| client.destination, opts, tally).await
+    else {
         return;
     };
+    tally.connected(&pick);
     let _srv_open = pick.server.counters.open();
     let _svc_open = pick.service.counters.open();
     let (outcome, t) =
         copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
+    tally.finished(&pick, &t, &outcome);
     account(route, &pick, t, &outcome);
 }
 
 fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
     for c in [
-        &route.counters,
-        &pick.service.counters,
+        &*route.counters,
+        &*pick.service.counters,
         &pick.server.counters,
     ] {
         c.add_bytes(t.to_backend, t.to_client);
@@ -298,6 +327,7 @@ async fn dial(
     client: ClientAddrs,
     dst: &(dyn Fn() -> SocketAddr + Sync),
     opts: &Options,
+    tally: &mut Tally<'_>,
 ) -> Option<(Pick, BackendStream)> {
     let mut tried: Tried = Vec::new();
     let svc_counters: &Counters = &route.service.service.counters;
@@ -319,7 +349,9 @@ async fn dial(
             .await
         {
             Ok(s) => {
-                let us = start.elapsed().as_micros() as u64;
+                let took = start.elapsed();
+                pick.server.counters.dial_duration.observe(took);
+                let us = took.as_micros() as u64;
                 pick.server
                     .counters
                     .dial_micros
@@ -340,6 +372,14 @@ async fn dial(
     svc_counters
         .no_server
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tally.fail_route(
+        route,
+        if tried.is_empty() {
+            Failure::NoHealthyServer
+        } else {
+            Failure::DialFailed
+        },
+    );
     tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client.source,
         "no server available; closing the connection");
     None

@@ -5,6 +5,7 @@
 //! `terminationDelay`, hot reload of the dynamic configuration and graceful drain.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod balancer;
 pub mod cli;
 pub mod clienthello;
@@ -15,6 +16,7 @@ pub mod entrypoint;
 pub mod health;
 pub mod metrics;
 pub mod middleware;
+pub mod observability;
 pub mod providers;
 pub mod proxy_in;
 pub mod router;

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::dial::{DialErrorReason, REASONS, reason_index};
+use crate::observability::counters::{ConnectionBuckets, DialBuckets, FailureCounters, Histogram};
 
 /// Counters of a router, a service or a server.
 #[derive(Debug, Default)]
@@ -22,6 +23,12 @@ pub struct Counters {
     pub dial_micros: AtomicU64,
     /// Connections closed because no server was available.
     pub no_server: AtomicU64,
+    /// Connections that went nowhere, by reason (routers).
+    pub failures: FailureCounters,
+    /// Durations of successful dials (servers).
+    pub dial_duration: Histogram<DialBuckets>,
+    /// Durations of proxied connections, accept to close (services).
+    pub duration: Histogram<ConnectionBuckets>,
 }
 
 impl Counters {
@@ -78,6 +85,8 @@ pub struct EntryPointCounters {
     pub refused: AtomicU64,
     /// TLS handshakes (termination) that failed.
     pub tls_errors: AtomicU64,
+    /// Connections that went nowhere, by reason.
+    pub failures: FailureCounters,
 }
 
 impl EntryPointCounters {

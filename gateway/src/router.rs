@@ -40,8 +40,8 @@ pub struct Route {
     pub middlewares: Vec<Arc<Middleware>>,
     /// The service.
     pub service: Arc<Balancer>,
-    /// Counters of the router.
-    pub counters: Counters,
+    /// Counters of the router (kept across reloads while the router keeps its name).
+    pub counters: Arc<Counters>,
 }
 
 /// What is known about a connection when routing it.
@@ -143,7 +143,7 @@ mod tests {
             tls,
             middlewares: vec![],
             service: Arc::new(Balancer::new(vec![])),
-            counters: Counters::default(),
+            counters: Arc::default(),
         })
     }
 

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tagway_config::{Dynamic, LoadBalancer, Rule, StaticConfig};
+use tagway_transport::IdentitySource;
 
 use crate::balancer::{Balancer, Peer, ServerState, ServiceInfo};
 use crate::dial::{Transport, Transports};
 use crate::health::{CheckSpec, HealthChecks};
-use crate::metrics::Counters;
 use crate::middleware::{InFlightConn, IpAllowList, Middleware};
 use crate::router::{EntryTable, Route, TlsMode};
 
@@ -184,7 +184,11 @@ impl Ctx<'_> {
             transport: Some(transport),
             proxy_protocol,
             termination_delay,
-            counters: Counters::default(),
+            counters: self
+                .prev
+                .and_then(|p| p.services.get(name))
+                .map(|b| b.service.counters.clone())
+                .unwrap_or_default(),
         });
         Ok(Arc::new(Balancer::with_service(
             servers
@@ -206,9 +210,14 @@ pub fn compile(
     dynamic: &Dynamic,
     static_cfg: &StaticConfig,
     prev: Option<&Tables>,
+    identity: Option<&IdentitySource>,
 ) -> (Tables, Vec<CompileError>) {
     let mut errors = Vec::new();
-    let default = match Transport::new(DEFAULT_TRANSPORT, &static_cfg.tcp_servers_transport, None) {
+    let default = match Transport::new(
+        DEFAULT_TRANSPORT,
+        &static_cfg.tcp_servers_transport,
+        identity.cloned(),
+    ) {
         Ok(t) => Some(t),
         Err(e) => {
             errors.push(CompileError {
@@ -223,7 +232,7 @@ pub fn compile(
         let (ts, errs) = Transports::build(
             d,
             &dynamic.tcp.servers_transports,
-            None,
+            identity,
             prev.and_then(|p| p.transports.as_ref()),
         );
         for e in errs {
@@ -381,7 +390,11 @@ fn compile_router(
         tls,
         middlewares: chain,
         service,
-        counters: Counters::default(),
+        counters: cx
+            .prev
+            .and_then(|p| p.routers.get(name))
+            .map(|r| r.counters.clone())
+            .unwrap_or_default(),
     }))
 }
 
@@ -461,7 +474,7 @@ mod tests {
         let mut bad_ep = router("HostSNI(`*`)", "a@file");
         bad_ep.entry_points = vec!["other".into()];
         d.tcp.routers.insert("bad-ep@file".into(), bad_ep);
-        let (t, errs) = compile(&d, &st(), None);
+        let (t, errs) = compile(&d, &st(), None, None);
         let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert!(msgs.iter().any(|m| m.contains("cycle")), "{msgs:?}");
         assert!(
@@ -482,7 +495,7 @@ mod tests {
         // Server state survives a reload.
         let s1 = t.servers().next().unwrap().1.clone();
         s1.set_healthy(false);
-        let (t2, _) = compile(&d, &st(), Some(&t));
+        let (t2, _) = compile(&d, &st(), Some(&t), None);
         let s2 = t2.servers().next().unwrap().1.clone();
         assert!(Arc::ptr_eq(&s1, &s2));
     }

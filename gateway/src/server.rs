@@ -19,11 +19,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tagway_config::{Dynamic, StaticConfig};
+use tagway_transport::IdentitySource;
 use tokio::sync::watch;
 
 use crate::conn::{EntryPointState, Options};
 use crate::entrypoint::{self, BindError};
 use crate::metrics::EntryPointCounters;
+use crate::observability::Observability;
 use crate::proxy_in::ProxyInbound;
 use crate::runtime::{self, Tables};
 
@@ -78,6 +80,8 @@ pub struct Gateway {
     tables: Arc<ArcSwap<Tables>>,
     counters: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: (watch::Sender<u64>, watch::Receiver<u64>),
+    obs: Option<Observability>,
+    identity: Option<IdentitySource>,
 }
 
 impl Gateway {
@@ -95,7 +99,23 @@ impl Gateway {
             tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
             counters: Arc::new(counters),
             generation: watch::channel(0),
+            obs: None,
+            identity: None,
         }
+    }
+
+    /// The gateway's own SPIFFE identity (SVID and trust bundle), presented by transports with a
+    /// `spiffe` section: from `providers.spiffe` (Workload API or PEM files) or pushed by the Consul
+    /// provider (Connect leaf and roots). Rotations apply to new dials without a recompile.
+    pub fn with_identity(mut self, identity: IdentitySource) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Reports every applied configuration to `obs` and gives connections its access log.
+    pub fn with_observability(mut self, obs: Observability) -> Self {
+        self.obs = Some(obs);
+        self
     }
 
     /// Replaces the data-plane tunables.
@@ -145,16 +165,26 @@ impl Gateway {
         self.bind()?;
         let static_cfg = Arc::new(self.static_cfg.clone());
         // First configuration, then a task applying every change.
-        apply(&static_cfg, &self.tables, &config_rx.borrow_and_update());
+        let first = config_rx.borrow_and_update().clone();
+        apply(
+            &static_cfg,
+            &self.tables,
+            &first,
+            self.obs.as_ref(),
+            self.identity.as_ref(),
+        );
+        drop(first);
         let gen_tx = self.generation.0.clone();
         gen_tx.send_modify(|g| *g += 1);
         let reload = {
             let static_cfg = static_cfg.clone();
             let tables = self.tables.clone();
+            let obs = self.obs.clone();
+            let identity = self.identity.clone();
             tokio::spawn(async move {
                 while config_rx.changed().await.is_ok() {
                     let cfg = config_rx.borrow_and_update().clone();
-                    apply(&static_cfg, &tables, &cfg);
+                    apply(&static_cfg, &tables, &cfg, obs.as_ref(), identity.as_ref());
                     gen_tx.send_modify(|g| *g += 1);
                 }
             })
@@ -186,6 +216,7 @@ impl Gateway {
                 name: name.as_str().into(),
                 proxy_in,
                 counters,
+                access_log: self.obs.as_ref().and_then(Observability::access_log),
             });
             let limit = entrypoint::connection_limit(ep_cfg.max_connections);
             if let Ok(addr) = listener.local_addr() {
@@ -306,9 +337,15 @@ async fn serve_loop(
 }
 
 /// Compiles `cfg` and swaps it in, logging what could not be compiled.
-fn apply(static_cfg: &StaticConfig, tables: &ArcSwap<Tables>, cfg: &Dynamic) {
+fn apply(
+    static_cfg: &StaticConfig,
+    tables: &ArcSwap<Tables>,
+    cfg: &Arc<Dynamic>,
+    obs: Option<&Observability>,
+    identity: Option<&IdentitySource>,
+) {
     let prev = tables.load_full();
-    let (new, errors) = runtime::compile(cfg, static_cfg, Some(&prev));
+    let (new, errors) = runtime::compile(cfg, static_cfg, Some(&prev), identity);
     for e in &errors {
         tracing::error!(error = %e, "configuration resource skipped");
     }
@@ -319,6 +356,9 @@ fn apply(static_cfg: &StaticConfig, tables: &ArcSwap<Tables>, cfg: &Dynamic) {
         "runtime tables swapped"
     );
     tables.store(Arc::new(new));
+    if let Some(o) = obs {
+        o.applied(cfg, &errors);
+    }
 }
 
 /// The runtime to call [`Gateway::run`] on: a single-thread (current-thread) runtime. The gateway

@@ -13,6 +13,7 @@ use tagway_config::{Dynamic, LogFormat, StaticConfig, Validated, load_static, me
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
 
+use crate::observability::Observability;
 use crate::providers::file::{self, FileProviderHandle};
 
 /// Initialises logging from `log.level` and `log.format`; `RUST_LOG`, when set, overrides the
@@ -69,12 +70,23 @@ pub fn apply(st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
 
 /// Combines provider channels (`(provider name, its output)`) into one channel of merged,
 /// validated configurations, recomputed whenever a provider publishes. Must be called inside a
-/// tokio runtime. More providers (the Consul catalog) plug in here.
+/// tokio runtime. More providers (the Consul catalog) plug in here. `obs` is told of every
+/// provider update, the validation errors and each configuration sent (metrics, `/ready`,
+/// `/api/errors`).
 pub fn combine(
     st: Arc<StaticConfig>,
     sources: Vec<(String, watch::Receiver<Arc<Dynamic>>)>,
+    obs: Option<Observability>,
 ) -> watch::Receiver<Arc<Dynamic>> {
+    if let Some(o) = &obs {
+        for (name, rx) in &sources {
+            o.provider_updated(name, &rx.borrow());
+        }
+    }
+    let obs_current = obs.clone();
     let current = move |sources: &[(String, watch::Receiver<Arc<Dynamic>>)]| {
+        // Taken before reading the outputs: what this merge is sure to include.
+        let mark = obs_current.as_ref().map(Observability::mark);
         let snapshot: Vec<(String, Arc<Dynamic>)> = sources
             .iter()
             .map(|(n, rx)| (n.clone(), rx.borrow().clone()))
@@ -83,15 +95,27 @@ pub fn combine(
             .iter()
             .map(|(n, d)| (n.as_str(), d.as_ref()))
             .collect();
-        Arc::new(apply(&st, &parts).config)
+        let v = apply(&st, &parts);
+        if let Some(o) = &obs_current {
+            o.validated(&v.errors);
+        }
+        (Arc::new(v.config), mark)
     };
-    let (tx, rx) = watch::channel(current(&sources));
+    let (first, mark) = current(&sources);
+    if let (Some(o), Some(mark)) = (&obs, mark) {
+        o.publish_marked(&first, mark);
+    }
+    let (tx, rx) = watch::channel(first);
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
-    for (_, rx) in &sources {
+    for (name, rx) in &sources {
         let mut rx = rx.clone();
         let changed_tx = changed_tx.clone();
+        let (name, obs) = (name.clone(), obs.clone());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
+                if let Some(o) = &obs {
+                    o.provider_updated(&name, &rx.borrow());
+                }
                 // A full channel already holds a pending recomputation.
                 let _ = changed_tx.try_send(());
             }
@@ -104,9 +128,16 @@ pub fn combine(
                 c = changed_rx.recv() => if c.is_none() { return },
                 () = tx.closed() => return,
             }
-            let next = current(&sources);
+            let (next, mark) = current(&sources);
             if **tx.borrow() != *next {
+                if let (Some(o), Some(mark)) = (&obs, mark) {
+                    o.publish_marked(&next, mark);
+                }
                 tx.send_replace(next);
+            } else if let (Some(o), Some(mark)) = (&obs, mark) {
+                // Same configuration: the one in use now also holds this update.
+                let in_use = tx.borrow().clone();
+                o.publish_marked(&in_use, mark);
             }
         }
     });
@@ -115,16 +146,37 @@ pub fn combine(
 
 /// Starts the providers of the static configuration (the file provider here; the Consul catalog
 /// provider plugs into [`combine`]). Must be called inside a tokio runtime.
-pub fn providers(st: Arc<StaticConfig>) -> Providers {
+pub fn providers(st: Arc<StaticConfig>, obs: Option<Observability>) -> Providers {
     let mut sources = Vec::new();
     let mut handle = None;
+    let mut file_failures = None;
     if let Some(f) = &st.providers.file {
+        if let Some(o) = &obs {
+            o.expect_provider(file::PROVIDER);
+        }
         let (rx, h) = file::start(f.clone());
+        file_failures = Some(h.failures());
         sources.push((file::PROVIDER.to_owned(), rx));
         handle = Some(h);
     }
+    let config = combine(st, sources, obs.clone());
+    if let (Some(o), Some(mut failures)) = (obs, file_failures) {
+        // Failed loads of the files count as failed reloads and show in /api/errors until a
+        // load succeeds.
+        if let Some(e) = failures.borrow_and_update().clone() {
+            o.provider_failed(file::PROVIDER, &e);
+        }
+        tokio::spawn(async move {
+            while failures.changed().await.is_ok() {
+                match failures.borrow_and_update().clone() {
+                    Some(e) => o.provider_failed(file::PROVIDER, &e),
+                    None => o.provider_recovered(file::PROVIDER),
+                }
+            }
+        });
+    }
     Providers {
-        config: combine(st, sources),
+        config,
         file: handle,
     }
 }
@@ -152,9 +204,39 @@ pub fn main(path: &Path) -> ExitCode {
     rt.block_on(async move {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "tagway starting");
         let st = Arc::new(st);
-        let providers = providers(st.clone());
-        let mut gateway = crate::server::Gateway::new((*st).clone());
+        let obs = match Observability::new(&st) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // The Consul provider's `metrics::…!` calls land in /metrics.
+        obs.metrics().install_global();
+        let providers = providers(st.clone(), Some(obs.clone()));
+        let mut gateway = crate::server::Gateway::new((*st).clone()).with_observability(obs.clone());
+        // The gateway's own SPIFFE identity, for transports with a `spiffe` section.
+        if let Some(spiffe) = &st.providers.spiffe {
+            match tagway_transport::IdentitySource::from_config(spiffe).await {
+                Ok(identity) => gateway = gateway.with_identity(identity),
+                Err(e) => {
+                    tracing::error!("providers.spiffe: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         if let Err(e) = gateway.bind() {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = crate::admin::spawn_if_configured(
+            st.clone(),
+            obs,
+            gateway.handle(),
+            std::future::pending(),
+        )
+        .await
+        {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }

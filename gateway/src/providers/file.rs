@@ -234,12 +234,18 @@ pub enum WatchMode {
 pub struct FileProviderHandle {
     reload: Arc<Notify>,
     task: JoinHandle<()>,
+    failures: watch::Receiver<Option<Arc<str>>>,
 }
 
 impl FileProviderHandle {
     /// Forces a reload (SIGHUP).
     pub fn reload(&self) {
         self.reload.notify_one();
+    }
+
+    /// The last load failure (None after a successful load); changes on every failed load.
+    pub fn failures(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.failures.clone()
     }
 }
 
@@ -266,12 +272,14 @@ pub fn start_with(
     cfg: FileProvider,
     mode: WatchMode,
 ) -> (watch::Receiver<Arc<Dynamic>>, FileProviderHandle) {
+    let (fail_tx, fail_rx) = watch::channel(None);
     let initial = match load(&cfg) {
         Ok(d) => {
             log_loaded(&d);
             d
         }
         Err(e) => {
+            fail_tx.send_replace(Some(e.to_string().into()));
             tracing::error!(
                 provider = PROVIDER,
                 "cannot load the configuration files, starting without them:\n{e}"
@@ -283,8 +291,15 @@ pub fn start_with(
     let reload = Arc::new(Notify::new());
     let (ev_tx, ev_rx) = mpsc::unbounded_channel::<()>();
     let watcher = make_watcher(&cfg, mode, ev_tx);
-    let task = tokio::spawn(run(cfg, tx, reload.clone(), ev_rx, watcher));
-    (rx, FileProviderHandle { reload, task })
+    let task = tokio::spawn(run(cfg, tx, reload.clone(), ev_rx, watcher, fail_tx));
+    (
+        rx,
+        FileProviderHandle {
+            reload,
+            task,
+            failures: fail_rx,
+        },
+    )
 }
 
 fn log_loaded(d: &Dynamic) {
@@ -385,6 +400,7 @@ async fn run(
     mut events: mpsc::UnboundedReceiver<()>,
     // Kept alive for as long as the task runs.
     _watcher: Option<Box<dyn Watcher + Send>>,
+    failures: watch::Sender<Option<Arc<str>>>,
 ) {
     let mut events_open = true;
     loop {
@@ -412,6 +428,7 @@ async fn run(
         let loaded = tokio::task::spawn_blocking(move || load(&c)).await;
         match loaded {
             Ok(Ok(d)) => {
+                failures.send_if_modified(|f| f.take().is_some());
                 if **tx.borrow() != d {
                     log_loaded(&d);
                     tx.send_replace(Arc::new(d));
@@ -419,10 +436,13 @@ async fn run(
                     tracing::info!(provider = PROVIDER, "reloaded: no change");
                 }
             }
-            Ok(Err(e)) => tracing::error!(
-                provider = PROVIDER,
-                "configuration files rejected, keeping the previous configuration:\n{e}"
-            ),
+            Ok(Err(e)) => {
+                tracing::error!(
+                    provider = PROVIDER,
+                    "configuration files rejected, keeping the previous configuration:\n{e}"
+                );
+                failures.send_replace(Some(e.to_string().into()));
+            }
             Err(e) => tracing::error!(provider = PROVIDER, "reload task failed: {e}"),
         }
     }
