@@ -3,3 +3,4 @@
 
 pub mod catalog;
 pub mod e2e;
+pub mod sandbox;
