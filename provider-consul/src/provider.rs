@@ -319,6 +319,7 @@ impl ConsulProvider {
             failing: HashMap::new(),
             published_errors: BTreeSet::new(),
             dirty_since: None,
+            last_publish: None,
             synced: false,
             status: Status {
                 mode: initial_mode,
@@ -515,6 +516,7 @@ struct Coordinator {
     failing: HashMap<What, String>,
     published_errors: BTreeSet<CatalogError>,
     dirty_since: Option<Instant>,
+    last_publish: Option<Instant>,
     synced: bool,
     status: Status,
     tasks: Vec<AbortHandle>,
@@ -614,10 +616,16 @@ impl Coordinator {
         }
     }
 
+    /// When to publish: an isolated change at once, the changes that follow within the coalescing
+    /// window together at its end (at most one publication per window); before the first sync,
+    /// at the sync (or after `initial_sync_timeout`).
     fn publish_deadline(&self, started: Instant) -> Option<Instant> {
         let since = self.dirty_since?;
         if self.synced {
-            Some(since + self.options.timing.coalesce)
+            Some(match self.last_publish {
+                Some(last) => since.max(last + self.options.timing.coalesce),
+                None => since,
+            })
         } else {
             Some(
                 (since + self.options.timing.coalesce)
@@ -970,7 +978,7 @@ impl Coordinator {
             self.status.synced = true;
             tracing::info!(services = self.watched.len(), "Consul catalog synced");
             // Publish now even if nothing changed (an empty catalog is a valid state).
-            self.dirty_since = Some(Instant::now() - self.options.timing.coalesce);
+            self.dirty_since = Some(Instant::now());
             self.push_status();
         }
     }
@@ -983,6 +991,7 @@ impl Coordinator {
 
     fn publish(&mut self) {
         self.dirty_since = None;
+        self.last_publish = Some(Instant::now());
         // Only called when a fragment changed the merge (or at the first sync): no deep
         // comparison of the previous configuration (20 ms at 10,000 services).
         self.config_tx.send_replace(self.merger.snapshot());
@@ -1819,16 +1828,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bursts_are_coalesced() {
+    async fn an_isolated_change_is_published_at_once_and_bursts_together() {
         let consul = FakeConsul::start().await;
         consul.register("web", Instance::new("w0", 8000, &[R]));
         let mut opts = options();
-        opts.timing.coalesce = Duration::from_millis(300);
+        opts.timing.coalesce = Duration::from_millis(400);
         let (running, _stop) = start(&cfg(&consul), opts);
         let mut rx = running.config();
         until(&mut rx, "first", |d| servers(d, "web").len() == 1).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         rx.borrow_and_update();
-        for i in 1..6 {
+        // Isolated: not delayed by the window.
+        let t0 = std::time::Instant::now();
+        consul.register("web", Instance::new("w1", 8001, &[R]));
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(servers(&rx.borrow_and_update(), "web").len(), 2);
+        // A burst right after: one more publication carries it all, at the end of the window.
+        for i in 2..7 {
             consul.register("web", Instance::new(&format!("w{i}"), 8000 + i, &[R]));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1836,8 +1860,13 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t0.elapsed()
+        );
         let n = servers(&rx.borrow_and_update(), "web").len();
-        assert!(n >= 5, "one publication carried the burst: {n}");
+        assert!(n >= 5, "one publication carried (most of) the burst: {n}");
     }
 
     #[tokio::test]

@@ -99,6 +99,16 @@ fn gateway(config: &Path) -> Result<()> {
             vec![("consulcatalog".into(), provider.config())],
             None,
         );
+        if std::env::var_os("CONSUL_BENCH_TRACE").is_some() {
+            // Timestamps of each stage, to see where the time goes.
+            for (stage, mut rx) in [("provider", provider.config()), ("merged", merged.clone())] {
+                tokio::spawn(async move {
+                    while rx.changed().await.is_ok() {
+                        eprintln!("trace {stage} {}", now_us());
+                    }
+                });
+            }
+        }
         let gateway = tagway::server::Gateway::new((*st).clone());
         gateway
             .run(merged, async {
@@ -108,6 +118,13 @@ fn gateway(config: &Path) -> Result<()> {
         let _ = stop_tx.send(());
         Ok(())
     })
+}
+
+fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros()
 }
 
 /// The client address routed to service `i`.
@@ -356,6 +373,9 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
     let mut health = Vec::new();
     for &i in &picks {
         let t = Instant::now();
+        if std::env::var_os("CONSUL_BENCH_TRACE").is_some() {
+            eprintln!("trace write {}", now_us());
+        }
         catalog.set_check_status_on_node(
             &node(0),
             &format!("check-{}-0", service(i)),
