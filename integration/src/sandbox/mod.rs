@@ -359,9 +359,18 @@ impl Sandbox {
             opts.tagway.display(),
             config_file.display()
         );
-        let readiness = gateway
+        let readiness = match gateway
             .wait_ready(admin, entry_points[EP_EXTRA], opts.ready_timeout)
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = gateway
+                    .stop(plan::GRACE_PERIOD + Duration::from_secs(8))
+                    .await;
+                return Err(e);
+            }
+        };
         if let Readiness::EntryPointAccepting { why } = &readiness {
             notes.push(format!(
                 "the gateway's readiness could not be read ({why}); it accepts connections, its routes may still be loading"
