@@ -214,6 +214,57 @@ impl GatewayProcess {
         }
     }
 
+    /// Waits until the admin API's `GET /api/tcp/routers` lists every router of `expected`
+    /// (`name@provider`) enabled: `/ready` says each provider delivered a first configuration,
+    /// this says the example routes are in use. Returns `false` when the gateway has no such
+    /// endpoint (nothing to wait for); fails when the process exits or `limit` passes.
+    pub async fn wait_routers(
+        &mut self,
+        admin: SocketAddr,
+        expected: &[&str],
+        limit: Duration,
+    ) -> Result<bool, SandboxError> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_exited()? {
+                return Err(self.exited_error(status));
+            }
+            let last = match http_get(admin, "/api/tcp/routers").await {
+                Ok((200, body)) => match enabled_routers(&body) {
+                    Some(names) => {
+                        let missing: Vec<&str> = expected
+                            .iter()
+                            .copied()
+                            .filter(|e| !names.iter().any(|n| n == e))
+                            .collect();
+                        if missing.is_empty() {
+                            return Ok(true);
+                        }
+                        format!(
+                            "routers {} not in use yet (enabled: {names:?})",
+                            missing.join(", ")
+                        )
+                    }
+                    None => return Ok(false),
+                },
+                Ok((404, _)) => return Ok(false),
+                Ok((status, body)) => {
+                    format!("/api/tcp/routers answered {status}: {}", body.trim())
+                }
+                Err(e) => format!("admin API at {admin}: {e}"),
+            };
+            if start.elapsed() >= limit {
+                return Err(SandboxError::NotReady {
+                    waited: limit,
+                    last,
+                    log: self.log_file().map(Path::to_owned),
+                    tail: self.log_tail(30),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn try_exited(&mut self) -> Result<Option<ExitStatus>, SandboxError> {
         if let Some(s) = self.exited {
             return Ok(Some(s));
@@ -276,6 +327,19 @@ impl GatewayProcess {
             }
         }
     }
+}
+
+/// The names of the enabled routers in a `/api/tcp/routers` answer (a JSON array of objects with
+/// `name` and `status`); `None` when the body is not such an array.
+fn enabled_routers(body: &str) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .filter(|r| r["status"].as_str().is_none_or(|s| s == "enabled"))
+            .filter_map(|r| r["name"].as_str().map(str::to_owned))
+            .collect(),
+    )
 }
 
 #[cfg(unix)]
@@ -382,6 +446,22 @@ mod tests {
         assert_eq!(body, "{\"ready\":false}");
         let req = server.await.expect("server");
         assert!(req.starts_with("GET /ready HTTP/1.1\r\n"), "{req}");
+    }
+
+    #[test]
+    fn enabled_routers_are_read_from_the_admin_answer() {
+        let body = r#"[{"name":"a@consulcatalog","status":"enabled"},
+                       {"name":"b@consulcatalog","status":"disabled","error":["x"]},
+                       {"name":"c@file"}]"#;
+        assert_eq!(
+            enabled_routers(body),
+            Some(vec!["a@consulcatalog".to_owned(), "c@file".to_owned()])
+        );
+        assert_eq!(
+            enabled_routers("{\"message\":\"404 page not found\"}"),
+            None
+        );
+        assert_eq!(enabled_routers("not json"), None);
     }
 
     #[test]

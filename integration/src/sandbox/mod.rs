@@ -41,6 +41,13 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:8081";
 /// (`TAGWAY_SANDBOX_READY {json}`).
 pub const READY_LINE_PREFIX: &str = "TAGWAY_SANDBOX_READY ";
 
+/// The routers the example services' tags declare, as the gateway names them.
+pub const EXAMPLE_ROUTERS: [&str; 3] = [
+    "pg-echo@consulcatalog",
+    "secure@consulcatalog",
+    "client-addr@consulcatalog",
+];
+
 /// What went wrong starting or stopping the sandbox.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -371,6 +378,28 @@ impl Sandbox {
                 return Err(e);
             }
         };
+        if readiness == Readiness::Ready {
+            // `/ready` can turn 200 just before the first Consul configuration is swapped in:
+            // wait until the example routers are in use, so the walkthrough works at once.
+            let routed = match gateway
+                .wait_routers(admin, &EXAMPLE_ROUTERS, opts.ready_timeout)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = gateway
+                        .stop(plan::GRACE_PERIOD + Duration::from_secs(8))
+                        .await;
+                    return Err(e);
+                }
+            };
+            if !routed {
+                notes.push(
+                    "the gateway's admin API has no /api/tcp/routers: the routes may still be loading"
+                        .to_owned(),
+                );
+            }
+        }
         if let Readiness::EntryPointAccepting { why } = &readiness {
             notes.push(format!(
                 "the gateway's readiness could not be read ({why}); it accepts connections, its routes may still be loading"
