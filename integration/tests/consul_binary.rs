@@ -12,6 +12,15 @@ use tagway_integration::e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 async fn http_status(addr: SocketAddr, path: &str) -> Result<u16> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
@@ -88,6 +97,32 @@ async fn registered_service_is_routed_and_follows_health_and_deregistration() ->
     )?;
     catalog.set_check_status("pg-1-ttl", CheckStatus::Passing, "")?;
     until_answer(gw.addr("tcp"), "pg-1", &gw).await?;
+
+    // The provider's watches show on /metrics, labelled by fixed endpoint names only.
+    let metrics = http_get(admin, "/metrics").await?;
+    let requests: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tagway_consul_watch_requests_total{"))
+        .collect();
+    assert!(
+        requests
+            .iter()
+            .any(|l| l.contains("endpoint=\"catalog_services\"")),
+        "{metrics}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|l| l.contains("endpoint=\"health_service\"")),
+        "{metrics}"
+    );
+    assert!(requests.iter().all(|l| !l.contains("pg")), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tagway_consul_services_watched 1"),
+        "{metrics}"
+    );
 
     // A critical check removes the only instance; recovery re-adds it.
     catalog.set_check_status("pg-1-ttl", CheckStatus::Critical, "down")?;

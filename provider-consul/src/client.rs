@@ -490,6 +490,32 @@ impl ConsulClient {
             req = req.header(AUTHORIZATION, a.clone());
         }
         let timeout = self.timeout_for(opts);
+        let group = watch_group(segments);
+        let result = self.send(req, timeout, endpoint).await;
+        let outcome = match &result {
+            Err(_) => "error",
+            Ok((_, meta)) if opts.index > 0 && meta.index == Some(opts.index) => "unchanged",
+            Ok(_) => "changed",
+        };
+        metrics::counter!(
+            "tagway_consul_watch_requests_total",
+            "endpoint" => group,
+            "outcome" => outcome
+        )
+        .increment(1);
+        if let Ok((_, QueryMeta { index: Some(i) })) = &result {
+            metrics::gauge!("tagway_consul_watch_index", "watch" => group).set(*i as f64);
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+        endpoint: String,
+    ) -> Result<(reqwest::Response, QueryMeta), ClientError> {
+        let s = &self.inner.settings;
         let resp = req.timeout(timeout).send().await.map_err(|source| {
             if source.is_timeout() {
                 ClientError::Timeout {
@@ -551,6 +577,25 @@ impl ConsulClient {
             source,
         })?;
         Ok((value, meta))
+    }
+}
+
+/// The fixed `endpoint` / `watch` label value of an API path (never a service name).
+fn watch_group(segments: &[&str]) -> &'static str {
+    let segments = match segments {
+        ["v1", rest @ ..] => rest,
+        all => all,
+    };
+    match segments {
+        ["catalog", "services", ..] => "catalog_services",
+        ["health", "service", ..] => "health_service",
+        ["health", "connect", ..] => "health_connect",
+        ["health", "state", ..] => "health_state",
+        ["catalog", "service", ..] => "catalog_service",
+        ["agent", "connect", "ca", "leaf", ..] => "connect_leaf",
+        ["agent", "connect", "ca", "roots", ..] => "connect_roots",
+        ["agent", "self", ..] => "agent_self",
+        _ => "other",
     }
 }
 

@@ -309,8 +309,6 @@ impl ConsulProvider {
             catalog_seen: HashSet::new(),
             pending: HashSet::new(),
             waiting_identity: HashSet::new(),
-            last_changed: HashMap::new(),
-            checked: HashMap::new(),
             census_tx: HashMap::new(),
             census_sweep: HashSet::new(),
             nodes: HashMap::new(),
@@ -379,11 +377,34 @@ impl Running {
     }
 }
 
-/// A Consul service: its namespace (when namespaces are configured) and name.
+/// A Consul service: its namespace (when namespaces are configured) and name. Cheap to clone.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Key {
+struct Key(Arc<KeyInner>);
+
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct KeyInner {
     ns: Option<String>,
     name: String,
+}
+
+impl Key {
+    fn new(ns: Option<String>, name: String) -> Key {
+        Key(Arc::new(KeyInner { ns, name }))
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = KeyInner;
+
+    fn deref(&self) -> &KeyInner {
+        &self.0
+    }
+}
+
+/// A stable digest (within this process) of a list, to compare without keeping it.
+fn digest<T: std::hash::Hash>(v: &T) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(v)
 }
 
 impl fmt::Display for Key {
@@ -444,13 +465,14 @@ enum Event {
         /// `None`: a Connect service waiting for the Connect identity.
         fragment: Option<Fragment>,
         nodes: Vec<String>,
-        /// Instances with at least one service check, as `(node, service id)`, sorted.
-        checked: Vec<(String, String)>,
+        /// Digest of the instances with at least one service check, `(node, service id)` sorted.
+        checked: u64,
     },
     Census {
         ns: Option<String>,
-        /// Service name → its instances with a service check, as `(node, service id)`, sorted.
-        by_service: HashMap<String, Vec<(String, String)>>,
+        /// Service name → digest of its instances with a service check, `(node, service id)`
+        /// sorted.
+        by_service: HashMap<String, u64>,
     },
     CensusFailed {
         ns: Option<String>,
@@ -474,7 +496,12 @@ enum Event {
 struct Watched {
     generation: u64,
     connect: bool,
-    tags: Vec<String>,
+    /// Digest of the union of its tags in the catalog.
+    tags: u64,
+    /// Digest of its instances with a service check, `(node, service id)` sorted.
+    checked: u64,
+    /// When its part of the configuration last changed.
+    changed: Option<Instant>,
     kick: Arc<Notify>,
     task: AbortHandle,
 }
@@ -506,8 +533,6 @@ struct Coordinator {
     catalog_seen: HashSet<Option<String>>,
     pending: HashSet<Key>,
     waiting_identity: HashSet<Key>,
-    last_changed: HashMap<Key, Instant>,
-    checked: HashMap<Key, Vec<(String, String)>>,
     census_tx: HashMap<Option<String>, watch::Sender<u64>>,
     census_sweep: HashSet<Option<String>>,
     nodes: HashMap<Key, Vec<String>>,
@@ -672,17 +697,11 @@ impl Coordinator {
             return;
         };
         let conv = &self.shared.convert;
-        let mut desired: BTreeMap<Key, (bool, Vec<String>)> = BTreeMap::new();
+        let mut desired: BTreeMap<Key, (bool, u64)> = BTreeMap::new();
         for (name, tags) in services {
             if relevant(conv, &tags) {
                 let connect = service_connect(conv, &tags);
-                desired.insert(
-                    Key {
-                        ns: ns.clone(),
-                        name,
-                    },
-                    (connect, tags),
-                );
+                desired.insert(Key::new(ns.clone(), name), (connect, digest(&tags)));
             }
         }
         let gone: Vec<Key> = self
@@ -734,7 +753,7 @@ impl Coordinator {
         self.push_status();
     }
 
-    fn spawn_service(&mut self, key: Key, connect: bool, tags: Vec<String>) {
+    fn spawn_service(&mut self, key: Key, connect: bool, tags: u64) {
         self.generation += 1;
         let generation = self.generation;
         let kick = Arc::new(Notify::new());
@@ -754,6 +773,8 @@ impl Coordinator {
                 generation,
                 connect,
                 tags,
+                checked: digest(&Vec::<(String, String)>::new()),
+                changed: None,
                 kick,
                 task,
             },
@@ -766,13 +787,11 @@ impl Coordinator {
             tracing::debug!(service = %key, "Consul service no longer relevant");
         }
         self.pending.remove(key);
-        self.last_changed.remove(key);
         if self.waiting_identity.remove(key) {
             self.status.connect_pending = self.waiting_identity.len();
         }
         self.failing.remove(&What::Service(key.clone()));
         self.set_nodes(key, Vec::new());
-        self.checked.remove(key);
         if self.merger.set(&key.to_string(), None) {
             self.mark_dirty();
         }
@@ -828,9 +847,9 @@ impl Coordinator {
         if let Some(tx) = &self.sweep_tx {
             // Services that changed last first: during a rolling deploy the next instance
             // added or removed is most likely one of theirs.
-            let mut order: Vec<(&Key, &Watched)> = self.watched.iter().collect();
-            order.sort_by_key(|(k, _)| std::cmp::Reverse(self.last_changed.get(*k)));
-            let kicks = order.into_iter().map(|(_, w)| w.kick.clone()).collect();
+            let mut order: Vec<&Watched> = self.watched.values().collect();
+            order.sort_by_key(|w| std::cmp::Reverse(w.changed));
+            let kicks = order.into_iter().map(|w| w.kick.clone()).collect();
             tx.send_replace(Some(Arc::new(SweepRequest { kicks, paced })));
         }
     }
@@ -841,18 +860,22 @@ impl Coordinator {
         generation: u64,
         fragment: Option<Fragment>,
         nodes: Vec<String>,
-        checked: Vec<(String, String)>,
+        checked: u64,
     ) {
         if self.watched.get(&key).map(|w| w.generation) != Some(generation) {
             return;
         }
         self.on_recovered(What::Service(key.clone()));
         self.set_nodes(&key, nodes);
-        self.checked.insert(key.clone(), checked);
+        if let Some(w) = self.watched.get_mut(&key) {
+            w.checked = checked;
+        }
         let waiting = fragment.is_none();
         if self.merger.set(&key.to_string(), fragment) {
             self.mark_dirty();
-            self.last_changed.insert(key.clone(), Instant::now());
+            if let Some(w) = self.watched.get_mut(&key) {
+                w.changed = Some(Instant::now());
+            }
         }
         let changed = if waiting {
             self.waiting_identity.insert(key.clone())
@@ -892,10 +915,7 @@ impl Coordinator {
                     kicks.extend(keys.iter().cloned());
                 }
             } else {
-                let key = Key {
-                    ns: ns.clone(),
-                    name: service.clone(),
-                };
+                let key = Key::new(ns.clone(), service.clone());
                 if self.watched.contains_key(&key) {
                     kicks.insert(key);
                 }
@@ -908,20 +928,15 @@ impl Coordinator {
         }
     }
 
-    fn on_census(
-        &mut self,
-        ns: Option<String>,
-        by_service: HashMap<String, Vec<(String, String)>>,
-    ) {
-        let empty = Vec::new();
+    fn on_census(&mut self, ns: Option<String>, by_service: HashMap<String, u64>) {
+        let empty = digest(&Vec::<(String, String)>::new());
         let mut kicked = 0usize;
         for (key, w) in &self.watched {
             if key.ns != ns {
                 continue;
             }
-            let now = by_service.get(&key.name).unwrap_or(&empty);
-            let known = self.checked.get(key).unwrap_or(&empty);
-            if now != known {
+            let now = by_service.get(&key.name).copied().unwrap_or(empty);
+            if now != w.checked {
                 w.kick.notify_one();
                 kicked += 1;
             }
@@ -1187,10 +1202,14 @@ async fn census_task(sh: Arc<Shared>, ns: Option<String>, mut trigger: watch::Re
                             .push((c.node, c.service_id));
                     }
                 }
-                for v in by_service.values_mut() {
-                    v.sort_unstable();
-                    v.dedup();
-                }
+                let by_service = by_service
+                    .into_iter()
+                    .map(|(name, mut v)| {
+                        v.sort_unstable();
+                        v.dedup();
+                        (name, digest(&v))
+                    })
+                    .collect();
                 b.reset();
                 Event::Census {
                     ns: ns.clone(),
@@ -1356,6 +1375,7 @@ async fn send_fragment(
         .collect();
     checked.sort_unstable();
     checked.dedup();
+    let checked = digest(&checked);
     let id = if connect {
         identity.borrow().clone()
     } else {

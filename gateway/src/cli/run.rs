@@ -270,12 +270,34 @@ fn consul_deliveries(
     let (tx, rx) = watch::channel(Arc::new(Dynamic::default()));
     let mut config = running.config();
     let mut status = running.status();
+    let mut connect = running.connect_identity();
+    tokio::spawn(async move {
+        loop {
+            if let Some(id) = connect.borrow_and_update().clone() {
+                let kind = crate::observability::certs::CertKind::Client;
+                if let Some(info) = crate::observability::certs::describe_pem(
+                    id.cert_chain_pem.as_bytes(),
+                    kind,
+                    &id.service,
+                ) {
+                    crate::observability::consul::connect_leaf_not_after(
+                        &id.service,
+                        info.not_after,
+                    );
+                }
+            }
+            if connect.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         let name = tagway_provider_consul::PROVIDER_NAME;
         let mut failing = false;
         let mut synced = false;
         loop {
             let st = status.borrow_and_update().clone();
+            crate::observability::consul::services_watched(st.services);
             if let Some(o) = &obs {
                 match (&st.last_error, failing) {
                     (Some(e), false) => {

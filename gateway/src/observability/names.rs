@@ -122,9 +122,9 @@ defs! {
     CONFIG_CHANGE_APPLIED = "tagway_config_change_to_applied_seconds", Histogram, ["provider"], "Time from a provider delivering a changed configuration to the data plane using it (for Consul, delivery follows the blocking query that saw the change by the coalescing window)";
 
     /// Consul watch requests.
-    CONSUL_WATCH_REQUESTS = "tagway_consul_watch_requests_total", Counter, ["endpoint", "outcome"], "Consul HTTP requests of the watches (endpoint: catalog_services, health_service, connect_leaf, connect_roots, agent_self; outcome: changed, unchanged, error)";
+    CONSUL_WATCH_REQUESTS = "tagway_consul_watch_requests_total", Counter, ["endpoint", "outcome"], "Consul HTTP requests of the watches (endpoint: catalog_services, catalog_service, health_service, health_connect, health_state, connect_leaf, connect_roots, agent_self, other; outcome: changed, unchanged, error)";
     /// Consul watch index.
-    CONSUL_WATCH_INDEX = "tagway_consul_watch_index", Gauge, ["watch"], "The X-Consul-Index a watch group blocks on (catalog, health, connect)";
+    CONSUL_WATCH_INDEX = "tagway_consul_watch_index", Gauge, ["watch"], "The last X-Consul-Index seen per watch group (same values as the endpoint label of tagway_consul_watch_requests_total)";
     /// Consul services watched.
     CONSUL_SERVICES_WATCHED = "tagway_consul_services_watched", Gauge, [], "Consul services whose health is being watched";
     /// Connect leaf expiry.
