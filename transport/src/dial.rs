@@ -273,6 +273,9 @@ impl Transport {
             };
             let attempt = socket.connect(peer);
             let result = match deadline {
+                // A single address has the whole dial timeout, which `dial` already enforces:
+                // no second timer per connection.
+                Some(_) if addrs.len() == 1 => attempt.await,
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let remaining_addrs = u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
