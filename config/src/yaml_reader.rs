@@ -290,6 +290,9 @@ impl Reader<'_> {
             }
             Event::MappingStart(anchor) => {
                 let mut entries: Vec<Entry> = Vec::new();
+                // Entries from merge keys (`<<: *base`, `<<: [*a, *b]`), added after the
+                // explicit ones: an explicit key wins, then the first merged mapping that has it.
+                let mut merged: Vec<Entry> = Vec::new();
                 loop {
                     let (ev, mark) = events.next()?;
                     if matches!(ev, Event::MappingEnd) {
@@ -311,6 +314,10 @@ impl Reader<'_> {
                     };
                     let (ev, mark) = events.next()?;
                     let value = self.node(events, ev, mark)?;
+                    if key_text == MERGE_KEY {
+                        merge_into(&mut merged, value)?;
+                        continue;
+                    }
                     if let Some(prev) = entries.iter().find(|e| e.key == key_text) {
                         return Err(ReadError::Config(ConfigError::Syntax {
                             origin: key.origin,
@@ -328,6 +335,11 @@ impl Reader<'_> {
                         value,
                     });
                 }
+                for m in merged {
+                    if !entries.iter().any(|e| e.key == m.key) {
+                        entries.push(m);
+                    }
+                }
                 (Node::new(Value::Map(entries), origin), anchor)
             }
             _ => (Node::new(Value::Null, origin), None),
@@ -337,6 +349,46 @@ impl Reader<'_> {
         }
         Ok(node)
     }
+}
+
+/// The YAML merge key (as Traefik's YAML library, go-yaml, supports it).
+const MERGE_KEY: &str = "<<";
+
+/// Adds the entries of a merge key's value (a mapping, or a list of mappings) to `merged`, keeping
+/// the first definition of each key.
+fn merge_into(merged: &mut Vec<Entry>, value: Node) -> Result<(), ReadError> {
+    let sources = match value.value {
+        Value::Map(entries) => vec![entries],
+        Value::Seq(items) => {
+            let mut maps = Vec::with_capacity(items.len());
+            for item in items {
+                match item.value {
+                    Value::Map(entries) => maps.push(entries),
+                    _ => return Err(merge_error(&item)),
+                }
+            }
+            maps
+        }
+        _ => return Err(merge_error(&value)),
+    };
+    for entry in sources.into_iter().flatten() {
+        if !merged.iter().any(|e| e.key == entry.key) {
+            merged.push(entry);
+        }
+    }
+    Ok(())
+}
+
+fn merge_error(node: &Node) -> ReadError {
+    ReadError::Config(ConfigError::Syntax {
+        origin: node.origin.clone(),
+        format: "YAML",
+        message: format!(
+            "the merge key `<<` takes a mapping or a list of mappings, not {}",
+            node.type_name()
+        ),
+        hint: Some("write `<<: *anchor` or `<<: [*a, *b]`".to_owned()),
+    })
 }
 
 /// YAML 1.2 core schema resolution of a scalar.

@@ -254,6 +254,43 @@ fn yaml_anchors_and_aliases() {
 }
 
 #[test]
+fn yaml_merge_keys_like_go_yaml() {
+    // Explicit keys win over merged ones; among merged mappings the first one wins.
+    let yaml = "\
+tcp:
+  serversTransports:
+    base: &base
+      dialTimeout: 5s
+      dialKeepAlive: 7s
+      terminationDelay: 1s
+    more: &more
+      dialTimeout: 9s
+      terminationDelay: 2s
+    a:
+      <<: *base
+      dialKeepAlive: 3s
+    b:
+      <<: [*more, *base]
+";
+    let d = load_dynamic_str(yaml, Format::Yaml, "y").unwrap();
+    let a = &d.tcp.servers_transports["a"];
+    assert_eq!(a.dial_timeout, Duration::from_secs(5));
+    assert_eq!(a.dial_keep_alive, Duration::from_secs(3));
+    assert_eq!(a.termination_delay, Duration::from_secs(1));
+    let b = &d.tcp.servers_transports["b"];
+    assert_eq!(b.dial_timeout, Duration::from_secs(9));
+    assert_eq!(b.dial_keep_alive, Duration::from_secs(7));
+    assert_eq!(b.termination_delay, Duration::from_secs(2));
+
+    let e = err_text(load_dynamic_str(
+        "tcp:\n  serversTransports:\n    a:\n      <<: 5s\n",
+        Format::Yaml,
+        "m.yaml",
+    ));
+    assert!(e.contains("m.yaml:4") && e.contains("merge key"), "{e}");
+}
+
+#[test]
 fn server_template_is_rejected_in_files() {
     let e = err_text(load_dynamic_str(
         "[tcp.services.s.loadBalancer.server]\nport = \"80\"\n",
