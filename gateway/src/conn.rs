@@ -252,14 +252,21 @@ pub async fn serve(
     }
     drop(buf);
     let delay = pick.service.termination_delay;
+    let sinks = sinks(&route, &pick);
+    let mut meter = copy::Meter::new(&sinks);
+    for c in sinks {
+        c.add_bytes(initial, 0);
+    }
     let (outcome, mut t) = match &mut backend {
         #[cfg(target_os = "linux")]
-        BackendStream::Plain(b) if opts.splice => copy::copy_spliced(&mut stream, b, delay).await,
-        _ => copy::copy_buffered(&mut stream, &mut backend, delay).await,
+        BackendStream::Plain(b) if opts.splice => {
+            copy::copy_spliced(&mut stream, b, delay, &mut meter).await
+        }
+        _ => copy::copy_buffered(&mut stream, &mut backend, delay, &mut meter).await,
     };
     t.to_backend += initial;
     tally.finished(&pick, &t, &outcome);
-    account(&route, &pick, t, &outcome);
+    ended(&route, &pick, &outcome);
 }
 
 /// Terminates TLS (replaying the peeked bytes to rustls), then copies plaintext to the server.
@@ -301,20 +308,29 @@ async fn terminate(
     tally.connected(&pick);
     let _srv_open = pick.server.counters.open();
     let _svc_open = pick.service.counters.open();
-    let (outcome, t) =
-        copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
+    let sinks = sinks(route, &pick);
+    let mut meter = copy::Meter::new(&sinks);
+    let (outcome, t) = copy::copy_buffered(
+        &mut tls,
+        &mut backend,
+        pick.service.termination_delay,
+        &mut meter,
+    )
+    .await;
     tally.finished(&pick, &t, &outcome);
-    account(route, &pick, t, &outcome);
+    ended(route, &pick, &outcome);
 }
 
-fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
-    for c in [
+/// The counters a connection's bytes go to (while it is open: see [`copy::Meter`]).
+fn sinks<'a>(route: &'a Route, pick: &'a Pick) -> [&'a Counters; 3] {
+    [
         &*route.counters,
         &*pick.service.counters,
         &pick.server.counters,
-    ] {
-        c.add_bytes(t.to_backend, t.to_client);
-    }
+    ]
+}
+
+fn ended(route: &Route, pick: &Pick, outcome: &Outcome) {
     if let Outcome::Error(e) = outcome {
         tracing::trace!(router = %route.name, server = %pick.server.address, error = %e, "connection ended by an error");
     }

@@ -44,6 +44,8 @@ pub struct Tables {
     pub services: HashMap<String, Arc<Balancer>>,
     /// Routers by name.
     pub routers: HashMap<String, Arc<Route>>,
+    /// Middlewares by name (the ones that compiled).
+    pub middlewares: HashMap<String, Arc<Middleware>>,
     servers: HashMap<(String, String), Arc<ServerState>>,
     transports: Option<Transports>,
     health: HealthChecks,
@@ -259,9 +261,15 @@ pub fn compile(
             (Some(l), None) => IpAllowList::new(&l.source_range)
                 .map(|l| Arc::new(Middleware::IpAllowList(l)))
                 .map_err(|e| e.to_string()),
-            (None, Some(f)) if f.amount > 0 => Ok(Arc::new(Middleware::InFlightConn(
-                InFlightConn::new(f.amount as u64),
-            ))),
+            (None, Some(f)) if f.amount > 0 => {
+                // The counts survive a reload: connections opened before it still count.
+                let amount = f.amount as u64;
+                let limiter = match prev.and_then(|p| p.middlewares.get(name)).map(|m| &**m) {
+                    Some(Middleware::InFlightConn(old)) => InFlightConn::carry_over(amount, old),
+                    _ => InFlightConn::new(amount),
+                };
+                Ok(Arc::new(Middleware::InFlightConn(limiter)))
+            }
             (None, Some(f)) => Err(format!(
                 "inFlightConn.amount must be positive, got {}",
                 f.amount
@@ -339,7 +347,12 @@ pub fn compile(
         .iter()
         .filter_map(|(k, v)| v.as_ref().ok().map(|b| (k.clone(), b.clone())))
         .collect();
+    let middlewares = middlewares
+        .into_iter()
+        .filter_map(|(k, v)| v.ok().map(|m| (k.to_owned(), m)))
+        .collect();
     let tables = Tables {
+        middlewares,
         entry_points: per_ep
             .into_iter()
             .map(|(k, v)| (k, EntryTable::new(v)))

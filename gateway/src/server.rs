@@ -53,9 +53,16 @@ pub struct GatewayHandle {
     tables: Arc<ArcSwap<Tables>>,
     entry_points: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: watch::Receiver<u64>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GatewayHandle {
+    /// True once shutdown began: no new connections are accepted and the open ones drain
+    /// (`/ready` answers 503 from then on).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The tables in use now.
     pub fn tables(&self) -> Arc<Tables> {
         self.tables.load_full()
@@ -80,6 +87,7 @@ pub struct Gateway {
     tables: Arc<ArcSwap<Tables>>,
     counters: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: (watch::Sender<u64>, watch::Receiver<u64>),
+    draining: Arc<std::sync::atomic::AtomicBool>,
     obs: Option<Observability>,
     identity: Option<IdentitySource>,
 }
@@ -99,6 +107,7 @@ impl Gateway {
             tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
             counters: Arc::new(counters),
             generation: watch::channel(0),
+            draining: Arc::default(),
             obs: None,
             identity: None,
         }
@@ -151,6 +160,7 @@ impl Gateway {
             tables: self.tables.clone(),
             entry_points: self.counters.clone(),
             generation: self.generation.1.clone(),
+            draining: self.draining.clone(),
         }
     }
 
@@ -288,6 +298,8 @@ impl Gateway {
             }
         }
         shutdown.await;
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down: no new connections");
         let _ = stop_tx.send(true);
         for l in loops {

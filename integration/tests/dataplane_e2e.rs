@@ -467,3 +467,106 @@ async fn inbound_proxy_protocol_from_trusted_and_untrusted_addresses() -> anyhow
     );
     Ok(())
 }
+
+/// Opens a connection through `to` and checks it is proxied (echo).
+async fn open_echo(to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let mut c = TcpStream::connect(to).await?;
+    c.write_all(b"hi").await?;
+    let mut b = [0u8; 2];
+    tokio::time::timeout(WAIT, c.read_exact(&mut b)).await??;
+    anyhow::ensure!(&b == b"hi", "not echoed: {b:?}");
+    Ok(c)
+}
+
+#[tokio::test]
+async fn in_flight_conn_counts_survive_a_reload() -> anyhow::Result<()> {
+    let echo = echo_backend().await?;
+    let other = named_backend("OTHER").await?;
+    let cfg = |extra: &str| {
+        format!(
+            "{}{}{}[tcp.middlewares.limit.inFlightConn]\namount = 2\n{extra}",
+            router_toml("r", "HostSNI(`*`)", "s", "middlewares = [\"limit\"]"),
+            service_toml("s", &[(echo, 1)]),
+            service_toml("o", &[(other, 1)]),
+        )
+    };
+    let gw = Gateway::start(&["tcp"], "", &cfg(""))?;
+    let a = open_echo(gw.addr("tcp")).await?;
+    let b = open_echo(gw.addr("tcp")).await?;
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"");
+    // A reload that changes something else: the middleware keeps its counts.
+    gw.reload(&cfg(&router_toml(
+        "unrelated",
+        "ClientIP(`192.0.2.1`)",
+        "o",
+        "",
+    )))
+    .await?;
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"");
+    // Connections opened before the reload release their slot when they end.
+    drop(a);
+    let deadline = Instant::now() + WAIT;
+    let c = loop {
+        match open_echo(gw.addr("tcp")).await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"");
+    drop((b, c));
+    Ok(())
+}
+
+/// One HTTP/1.0 GET against the admin listener: (status, body).
+async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(admin).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no HTTP head: {text}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status: {head}"))?;
+    Ok((status, body.to_owned()))
+}
+
+#[tokio::test]
+async fn ready_is_503_while_draining_after_sigterm() -> anyhow::Result<()> {
+    let echo = echo_backend().await?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut gw = Gateway::start(
+        &["tcp"],
+        &format!("[admin]\naddress = \"{admin}\"\n[shutdown]\ngracePeriod = \"10s\"\n"),
+        &one_route(&[(echo, 1)]),
+    )?;
+    let deadline = Instant::now() + WAIT;
+    while admin_get(admin, "/ready").await.map(|r| r.0).unwrap_or(0) != 200 {
+        anyhow::ensure!(Instant::now() < deadline, "never ready:\n{}", gw.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = open_echo(gw.addr("tcp")).await?;
+    gw.signal("-TERM")?;
+    let deadline = Instant::now() + WAIT;
+    let (status, body) = loop {
+        let r = admin_get(admin, "/ready").await?;
+        if r.0 != 200 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"draining\":true"), "{body}");
+    assert!(gw.is_running());
+    drop(c);
+    assert_eq!(gw.wait_exit(WAIT).await?, Some(0));
+    Ok(())
+}
