@@ -570,3 +570,76 @@ async fn ready_is_503_while_draining_after_sigterm() -> anyhow::Result<()> {
     assert_eq!(gw.wait_exit(WAIT).await?, Some(0));
     Ok(())
 }
+
+/// Connects from `source`, sends `send`, half-closes, reads until EOF (bounded).
+async fn sent_then_closed(to: SocketAddr, source: &str, send: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{source}:0").parse()?)?;
+    let mut s = sock.connect(to).await?;
+    s.write_all(send).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    // A reset after the data still tells what arrived.
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn inbound_proxy_protocol_on_an_entry_point_without_tls_routers() -> anyhow::Result<()> {
+    let proxied = named_backend("PROXIED").await?;
+    let first = named_backend("FIRST").await?;
+    let echo = echo_backend().await?;
+    let mut cfg = String::new();
+    cfg.push_str(&router_toml(
+        "p",
+        "ClientIP(`192.0.2.0/24`)",
+        "p",
+        "priority = 100",
+    ));
+    cfg.push_str(&router_toml(
+        "f",
+        "ClientIP(`127.0.0.3`)",
+        "f",
+        "priority = 90",
+    ));
+    cfg.push_str(&router_toml("d", "HostSNI(`*`)", "d", ""));
+    cfg.push_str(&service_toml("p", &[(proxied, 1)]));
+    cfg.push_str(&service_toml("f", &[(first, 1)]));
+    cfg.push_str(&service_toml("d", &[(echo, 1)]));
+    let gw = Gateway::start(
+        &["tcp"],
+        "[entryPoints.tcp.proxyProtocol]\ntrustedIPs = [\"127.0.0.1\"]\n",
+        &cfg,
+    )?;
+    let header = b"PROXY TCP4 192.0.2.9 127.0.0.1 5555 80\r\nhello";
+    // Trusted: decoded and stripped; the header's address is the client's.
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.1"), header).await?,
+        b"PROXIED"
+    );
+    // Untrusted with a header: refused, nothing reaches the (echo) backend.
+    assert_eq!(
+        sent_then_closed(gw.addr("tcp"), "127.0.0.2", header).await?,
+        b""
+    );
+    let v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x09\x7f\x00\x00\x01\x15\xb3\x00\x50hello";
+    assert_eq!(
+        sent_then_closed(gw.addr("tcp"), "127.0.0.2", v2).await?,
+        b""
+    );
+    // Untrusted without a header: passed through.
+    assert_eq!(
+        sent_then_closed(gw.addr("tcp"), "127.0.0.2", b"hello").await?,
+        b"hello"
+    );
+    assert_eq!(
+        sent_then_closed(gw.addr("tcp"), "127.0.0.2", b"PRIVMSG x").await?,
+        b"PRIVMSG x"
+    );
+    // A server-first backend still speaks first to an untrusted client that sends nothing.
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.3"), b"").await?,
+        b"FIRST"
+    );
+    Ok(())
+}
