@@ -83,7 +83,8 @@ impl GatewayHandle {
 pub struct Gateway {
     static_cfg: StaticConfig,
     options: Arc<Options>,
-    listeners: Vec<(String, std::net::TcpListener)>,
+    /// Per entry point: one listener per worker thread (the first one for this runtime).
+    listeners: Vec<(String, Vec<std::net::TcpListener>)>,
     tables: Arc<ArcSwap<Tables>>,
     counters: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: (watch::Sender<u64>, watch::Receiver<u64>),
@@ -139,8 +140,8 @@ impl Gateway {
             return Ok(());
         }
         for (name, ep) in &self.static_cfg.entry_points {
-            let l = entrypoint::bind(name, &ep.address)?;
-            tracing::info!(entry_point = %name, address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+            let l = entrypoint::bind(name, &ep.address, self.options.workers.max(1))?;
+            tracing::info!(entry_point = %name, address = %l[0].local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
             self.listeners.push((name.clone(), l));
         }
         Ok(())
@@ -151,7 +152,7 @@ impl Gateway {
         self.listeners
             .iter()
             .find(|(n, _)| n == entry_point)
-            .and_then(|(_, l)| l.local_addr().ok())
+            .and_then(|(_, l)| l.first()?.local_addr().ok())
     }
 
     /// A handle on the running state.
@@ -229,18 +230,16 @@ impl Gateway {
                 access_log: self.obs.as_ref().and_then(Observability::access_log),
             });
             let limit = entrypoint::connection_limit(ep_cfg.max_connections);
-            if let Ok(addr) = listener.local_addr() {
-                for w in per_worker.iter_mut() {
-                    match entrypoint::bind_addr(addr) {
-                        Ok(l) => w.push(LoopSpec {
-                            listener: l,
-                            state: state.clone(),
-                            limit: limit.clone(),
-                        }),
-                        Err(e) => tracing::warn!(entry_point = %name, error = %e,
-                            "cannot add a worker listener (SO_REUSEPORT); fewer threads serve it"),
-                    }
-                }
+            let mut listeners = listener.into_iter();
+            let Some(listener) = listeners.next() else {
+                continue;
+            };
+            for (w, l) in per_worker.iter_mut().zip(listeners) {
+                w.push(LoopSpec {
+                    listener: l,
+                    state: state.clone(),
+                    limit: limit.clone(),
+                });
             }
             loops.push(tokio::spawn(serve_loop(
                 LoopSpec {

@@ -643,3 +643,31 @@ async fn inbound_proxy_protocol_on_an_entry_point_without_tls_routers() -> anyho
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_second_tagway_on_the_same_port_fails_to_bind() -> anyhow::Result<()> {
+    let a = named_backend("A").await?;
+    let gw = Gateway::start(&["tcp"], "", &one_route(&[(a, 1)]))?;
+    let second = tokio::process::Command::new(tagway_bin()?)
+        .args(["run", "--config"])
+        .arg(gw.dir().join("static.toml"))
+        .env("RUST_LOG", "info")
+        .env("TOKIO_WORKER_THREADS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = tokio::time::timeout(WAIT, second.wait_with_output()).await??;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second tagway runs:\n{log}");
+    let addr = gw.addr("tcp").to_string();
+    assert!(
+        log.contains("entry point tcp") && log.contains(&addr) && log.contains("in use"),
+        "{log}"
+    );
+    // The first one still serves every connection.
+    for _ in 0..20 {
+        assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"A");
+    }
+    Ok(())
+}
