@@ -556,8 +556,11 @@ fn validate_impl(merged: &Dynamic, st: Option<&StaticConfig>) -> Validated {
         if v.is_broken(Router, name) {
             continue;
         }
+        // A terminating router without `options` uses `default`: broken default options
+        // must not fall back to weaker settings silently.
         if let Some(tls) = &r.tls
-            && let Some(o) = &tls.options
+            && !tls.passthrough
+            && let Some(o) = tls.options.as_deref().or(Some("default"))
             && v.is_broken(TlsOptions, o)
         {
             v.error(

@@ -433,3 +433,33 @@ servers = [{ address = "127.0.0.1:9000" }]
     assert!(v.config.tls.options.contains_key("good@file"));
     assert_eq!(errs.len(), 6, "{errs:#?}");
 }
+
+#[test]
+fn broken_default_tls_options_disable_terminating_routers() {
+    let d = file(
+        r#"
+[tls.options.default]
+minVersion = "VersionTLS11"
+[tcp.routers.term]
+rule = "HostSNI(`a.example`)"
+service = "app"
+tls = {}
+[tcp.routers.pass]
+rule = "HostSNI(`b.example`)"
+service = "app"
+tls = { passthrough = true }
+[tcp.services.app.loadBalancer]
+servers = [{ address = "127.0.0.1:9000" }]
+"#,
+    );
+    let v = validate(&merge(&[("file", &d)]), &static_with(&["web"]));
+    let errs = errors_of(&v);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("router `term@file`")
+                && e.contains("tls options `default` are invalid")),
+        "{errs:#?}"
+    );
+    assert!(!v.config.tcp.routers.contains_key("term@file"));
+    assert!(v.config.tcp.routers.contains_key("pass@file"));
+}

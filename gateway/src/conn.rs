@@ -218,7 +218,7 @@ pub async fn serve(
         if !dst_known {
             client.destination = stream.local_addr().unwrap_or(peer);
         }
-        let cfg = tables.tls.clone();
+        let cfg = route.tls_config.clone();
         drop(tables);
         // Boxed: the TLS state is large and only this path needs it.
         Box::pin(terminate(

@@ -38,8 +38,8 @@ pub struct CompileError {
 pub struct Tables {
     /// Routing table per entry point name.
     pub entry_points: HashMap<String, EntryTable>,
-    /// TLS termination configuration (None when it could not be built).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS termination configurations, per `tls.options` name (routers hold theirs).
+    pub tls: crate::tls::TlsConfigs,
     /// Services by name.
     pub services: HashMap<String, Arc<Balancer>>,
     /// Routers by name.
@@ -286,11 +286,15 @@ pub fn compile(
         middlewares.insert(name, res);
     }
 
-    let (tls, tls_errors) = crate::tls::server_config(&dynamic.tls);
+    let (tls, tls_errors) = crate::tls::server_configs(&dynamic.tls);
     for e in tls_errors {
+        let (kind, name) = match &e {
+            crate::tls::CertError::Options { options, .. } => ("tls options", options.clone()),
+            _ => ("tls", "certificates".to_owned()),
+        };
         cx.errors.push(CompileError {
-            kind: "tls",
-            name: "certificates".into(),
+            kind,
+            name,
             message: e.to_string(),
         });
     }
@@ -302,7 +306,7 @@ pub fn compile(
         .collect();
     let mut routers = HashMap::new();
     for (name, r) in &dynamic.tcp.routers {
-        let res = compile_router(&mut cx, &middlewares, name, r);
+        let res = compile_router(&mut cx, &middlewares, &tls, name, r);
         let route = match res {
             Ok(route) => route,
             Err(message) => {
@@ -370,6 +374,7 @@ pub fn compile(
 fn compile_router(
     cx: &mut Ctx<'_>,
     middlewares: &HashMap<&str, Result<Arc<Middleware>, String>>,
+    tls_configs: &crate::tls::TlsConfigs,
     name: &str,
     r: &tagway_config::Router,
 ) -> Result<Arc<Route>, String> {
@@ -385,6 +390,14 @@ fn compile_router(
             r.rule
         ));
     }
+    let tls_config = match (&r.tls, tls) {
+        (Some(t), TlsMode::Terminate) => Some(
+            tls_configs
+                .get(t.options.as_deref())
+                .map_err(|e| format!("tls.options: {e}"))?,
+        ),
+        _ => None,
+    };
     let mut chain = Vec::new();
     for m in &r.middlewares {
         match middlewares.get(m.as_str()) {
@@ -401,6 +414,7 @@ fn compile_router(
             .unwrap_or_else(|| Rule::default_priority(&r.rule)),
         rule,
         tls,
+        tls_config,
         middlewares: chain,
         service,
         counters: cx

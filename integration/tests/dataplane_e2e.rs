@@ -2,6 +2,7 @@
 //! file-provider configuration, real backends and clients on 127.0.0.1.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tagway_integration::e2e::*;
@@ -669,5 +670,66 @@ async fn a_second_tagway_on_the_same_port_fails_to_bind() -> anyhow::Result<()> 
     for _ in 0..20 {
         assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"A");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_options_from_the_file_provider() -> anyhow::Result<()> {
+    use rustls_pki_types::pem::PemObject;
+    let one = named_backend("ONE").await?;
+    let (c1, k1) = cert(&["one.example"])?;
+    let mut cfg = String::new();
+    cfg.push_str(&router_toml(
+        "one",
+        "HostSNI(`one.example`)",
+        "one",
+        "[tcp.routers.one.tls]\noptions = \"modern\"\n",
+    ));
+    cfg.push_str(&service_toml("one", &[(one, 1)]));
+    cfg.push_str(&format!(
+        "[[tls.certificates]]\ncertFile = {}\nkeyFile = {}\n",
+        toml_pem(&c1),
+        toml_pem(&k1)
+    ));
+    cfg.push_str(
+        "[tls.options.modern]\nminVersion = \"VersionTLS13\"\nalpnProtocols = [\"x-tagway\"]\n\
+         curvePreferences = [\"X25519\"]\ncipherSuites = [\"TLS_AES_256_GCM_SHA384\"]\n",
+    );
+    let gw = Gateway::start(&["tcp"], "", &cfg)?;
+    let client = |versions: &[&'static rustls::SupportedProtocolVersion]| -> anyhow::Result<_> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(c1.as_bytes()) {
+            roots.add(c?)?;
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"x-tagway".to_vec()];
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    };
+    let name = rustls_pki_types::ServerName::try_from("one.example")?;
+    // TLS 1.3: served, with the options' ALPN and cipher suite.
+    let tcp = TcpStream::connect(gw.addr("tcp")).await?;
+    let mut t = tokio::time::timeout(
+        WAIT,
+        client(&[&rustls::version::TLS13])?.connect(name.clone(), tcp),
+    )
+    .await??;
+    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"x-tagway"[..]));
+    assert_eq!(
+        t.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+    );
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await??;
+    assert_eq!(out, b"ONE");
+    // A TLS 1.2-only client is refused by minVersion.
+    let tcp = TcpStream::connect(gw.addr("tcp")).await?;
+    let r =
+        tokio::time::timeout(WAIT, client(&[&rustls::version::TLS12])?.connect(name, tcp)).await?;
+    assert!(r.is_err(), "a TLS 1.2 handshake succeeded");
     Ok(())
 }
