@@ -733,3 +733,37 @@ async fn tls_options_from_the_file_provider() -> anyhow::Result<()> {
     assert!(r.is_err(), "a TLS 1.2 handshake succeeded");
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_exits_at_once_even_with_a_blocked_file_read() -> anyhow::Result<()> {
+    let a = named_backend("A").await?;
+    let mut gw = Gateway::start(
+        &["tcp"],
+        "[shutdown]\ngracePeriod = \"30s\"\n",
+        &one_route(&[(a, 1)]),
+    )?;
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"A");
+    // The dynamic file becomes a FIFO nobody writes: the file provider's next load blocks one
+    // of the runtime's blocking threads in open(2) for good.
+    let file = gw.dir().join("dynamic.toml");
+    std::fs::remove_file(&file)?;
+    let made = std::process::Command::new("mkfifo").arg(&file).status()?;
+    anyhow::ensure!(made.success(), "mkfifo failed");
+    gw.signal("-HUP")?;
+    let deadline = Instant::now() + WAIT;
+    while gw.log_count("SIGHUP") == 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no SIGHUP log:\n{}",
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No open connection: SIGTERM ends the process, exit code 0, well within the grace period
+    // (a runtime waiting for the blocked thread would never exit).
+    gw.signal("-TERM")?;
+    assert_eq!(gw.wait_exit(WAIT).await?, Some(0), "{}", gw.log_text());
+    assert_eq!(gw.log_count("tagway stopped"), 1);
+    Ok(())
+}
