@@ -355,10 +355,7 @@ async fn untrusted_first_bytes(
                 if n == 0 {
                     backend_eof = true;
                     let _ = stream.shutdown().await;
-                    match delay {
-                        Some(d) => deadline = Some(Box::pin(tokio::time::sleep(d))),
-                        None => {}
-                    }
+                    deadline = delay.map(|d| Box::pin(tokio::time::sleep(d)));
                 } else {
                     stream.write_all(&relay[..n]).await?;
                     relayed += n as u64;
