@@ -461,6 +461,15 @@ pub struct TlsOptions {
     /// `VersionTLS12` or `VersionTLS13`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_version: Option<String>,
+    /// Cipher suites allowed, by their Go (Traefik) names, e.g.
+    /// `TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256`; see [`crate::tls::CIPHER_SUITES`]. TLS 1.3
+    /// suites stay all enabled unless the list names one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
+    /// Key exchange groups in order of preference (`X25519`, `CurveP256`, `CurveP384`); see
+    /// [`crate::tls::CURVES`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub curve_preferences: Vec<String>,
     /// ALPN protocols offered.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alpn_protocols: Vec<String>,

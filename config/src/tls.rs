@@ -66,6 +66,27 @@ impl From<PathBuf> for FileOrContent {
     }
 }
 
+/// Cipher suite names accepted in `tls.options.<name>.cipherSuites` (Go's names, as Traefik
+/// writes them): the AEAD suites with forward secrecy that rustls implements. Go's other names
+/// (CBC, RSA key exchange, 3DES, RC4) are refused with an error naming the option.
+pub const CIPHER_SUITES: &[&str] = &[
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+];
+
+/// Group names accepted in `tls.options.<name>.curvePreferences` (Go's names, as Traefik writes
+/// them). `CurveP521` and post-quantum hybrids are not available with the ring provider.
+pub const CURVES: &[&str] = &["X25519", "CurveP256", "CurveP384"];
+
 /// A client certificate of a servers transport's `tls.certificates`.
 ///
 /// Traefik's documentation writes them as plain strings (`"/path/to/cert1.pem"`): such a string is a

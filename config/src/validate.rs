@@ -473,11 +473,54 @@ fn validate_impl(merged: &Dynamic, st: Option<&StaticConfig>) -> Validated {
                     TlsOptions,
                     name,
                     Some(key),
-                    format!("unsupported TLS version `{ver}`: use VersionTLS12 or VersionTLS13"),
+                    format!("unsupported TLS version `{ver}` (TLS 1.0 and 1.1 are not available in rustls): use VersionTLS12 or VersionTLS13"),
                 );
             }
         }
+        if let (Some(min), Some(max)) = (&o.min_version, &o.max_version)
+            && min == "VersionTLS13"
+            && max == "VersionTLS12"
+        {
+            v.error(
+                TlsOptions,
+                name,
+                Some("maxVersion"),
+                "maxVersion VersionTLS12 is below minVersion VersionTLS13".to_owned(),
+            );
+        }
+        for (key, list, known) in [
+            ("cipherSuites", &o.cipher_suites, crate::tls::CIPHER_SUITES),
+            ("curvePreferences", &o.curve_preferences, crate::tls::CURVES),
+        ] {
+            for (i, n) in list.iter().enumerate() {
+                if !known.contains(&n.as_str()) {
+                    v.error(
+                        TlsOptions,
+                        name,
+                        Some(&format!("{key}[{i}]")),
+                        format!(
+                            "unknown or unsupported `{n}` (TLS 1.0/1.1-era and non-AEAD suites are not available): use {}",
+                            known.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(ca) = &o.client_auth {
+            if ca.ca_files.is_empty()
+                && let Some(t) = &ca.client_auth_type
+                && matches!(
+                    t.as_str(),
+                    "VerifyClientCertIfGiven" | "RequireAndVerifyClientCert"
+                )
+            {
+                v.error(
+                    TlsOptions,
+                    name,
+                    Some("clientAuth.caFiles"),
+                    format!("clientAuthType {t} needs clientAuth.caFiles"),
+                );
+            }
             if let Some(t) = &ca.client_auth_type
                 && !matches!(
                     t.as_str(),
@@ -513,8 +556,11 @@ fn validate_impl(merged: &Dynamic, st: Option<&StaticConfig>) -> Validated {
         if v.is_broken(Router, name) {
             continue;
         }
+        // A terminating router without `options` uses `default`: broken default options
+        // must not fall back to weaker settings silently.
         if let Some(tls) = &r.tls
-            && let Some(o) = &tls.options
+            && !tls.passthrough
+            && let Some(o) = tls.options.as_deref().or(Some("default"))
             && v.is_broken(TlsOptions, o)
         {
             v.error(

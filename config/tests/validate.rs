@@ -365,3 +365,101 @@ fn merge_keeps_default_tls_options_and_concatenates_certificates() {
     );
     assert_eq!(v.config.tls.certificates.len(), 1);
 }
+
+#[test]
+fn tls_options_name_the_offending_key() {
+    let d = file(
+        r#"
+[tls.options.old]
+minVersion = "VersionTLS10"
+[tls.options.ciphers]
+cipherSuites = ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "TLS_RSA_WITH_AES_128_CBC_SHA"]
+curvePreferences = ["X25519", "CurveP521"]
+[tls.options.inverted]
+minVersion = "VersionTLS13"
+maxVersion = "VersionTLS12"
+[tls.options.noca.clientAuth]
+clientAuthType = "RequireAndVerifyClientCert"
+[tls.options.good]
+minVersion = "VersionTLS12"
+cipherSuites = ["TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305", "TLS_AES_128_GCM_SHA256"]
+curvePreferences = ["CurveP256", "X25519"]
+alpnProtocols = ["h2"]
+sniStrict = true
+[tcp.routers.r]
+rule = "HostSNI(`a.example`)"
+service = "app"
+tls = { options = "ciphers" }
+[tcp.routers.ok]
+rule = "HostSNI(`b.example`)"
+service = "app"
+tls = { options = "good" }
+[tcp.services.app.loadBalancer]
+servers = [{ address = "127.0.0.1:9000" }]
+"#,
+    );
+    let merged = merge(&[("file", &d)]);
+    let v = validate(&merged, &static_with(&["web"]));
+    let errs = errors_of(&v);
+    let has = |needle: &str| errs.iter().any(|e| e.contains(needle));
+    assert!(
+        has(
+            "tls options `old@file` (provider file), key `minVersion`: unsupported TLS version `VersionTLS10` (TLS 1.0 and 1.1 are not available in rustls)"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has("key `cipherSuites[1]`: unknown or unsupported `TLS_RSA_WITH_AES_128_CBC_SHA`"),
+        "{errs:#?}"
+    );
+    assert!(
+        has("key `curvePreferences[1]`: unknown or unsupported `CurveP521`"),
+        "{errs:#?}"
+    );
+    assert!(
+        has("key `maxVersion`: maxVersion VersionTLS12 is below minVersion VersionTLS13"),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            "key `clientAuth.caFiles`: clientAuthType RequireAndVerifyClientCert needs clientAuth.caFiles"
+        ),
+        "{errs:#?}"
+    );
+    // The router using broken options is disabled; the one using good options is kept.
+    assert!(has("router `r@file`"), "{errs:#?}");
+    assert!(v.config.tcp.routers.contains_key("ok@file"));
+    assert!(!v.config.tcp.routers.contains_key("r@file"));
+    assert!(v.config.tls.options.contains_key("good@file"));
+    assert_eq!(errs.len(), 6, "{errs:#?}");
+}
+
+#[test]
+fn broken_default_tls_options_disable_terminating_routers() {
+    let d = file(
+        r#"
+[tls.options.default]
+minVersion = "VersionTLS11"
+[tcp.routers.term]
+rule = "HostSNI(`a.example`)"
+service = "app"
+tls = {}
+[tcp.routers.pass]
+rule = "HostSNI(`b.example`)"
+service = "app"
+tls = { passthrough = true }
+[tcp.services.app.loadBalancer]
+servers = [{ address = "127.0.0.1:9000" }]
+"#,
+    );
+    let v = validate(&merge(&[("file", &d)]), &static_with(&["web"]));
+    let errs = errors_of(&v);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("router `term@file`")
+                && e.contains("tls options `default` are invalid")),
+        "{errs:#?}"
+    );
+    assert!(!v.config.tcp.routers.contains_key("term@file"));
+    assert!(v.config.tcp.routers.contains_key("pass@file"));
+}

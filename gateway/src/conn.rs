@@ -218,7 +218,7 @@ pub async fn serve(
         if !dst_known {
             client.destination = stream.local_addr().unwrap_or(peer);
         }
-        let cfg = tables.tls.clone();
+        let cfg = route.tls_config.clone();
         drop(tables);
         // Boxed: the TLS state is large and only this path needs it.
         Box::pin(terminate(
@@ -241,6 +241,45 @@ pub async fn serve(
     tally.connected(&pick);
     let _srv_open = pick.server.counters.open();
     let _svc_open = pick.service.counters.open();
+    let sinks = sinks(&route, &pick);
+    let delay = pick.service.termination_delay;
+    // An entry point that accepts PROXY headers, a peer it does not trust, and no byte read yet
+    // (no peek): the client's first bytes must not be a PROXY header. They are checked when they
+    // come, while the server's first bytes flow to the client (server-first protocols).
+    let mut early_to_client = 0;
+    if let Some(p) = &ep.proxy_in
+        && !trusted
+        && buf.is_empty()
+    {
+        match untrusted_first_bytes(&mut stream, &mut backend, &mut buf, p.timeout, delay).await {
+            Ok(First::Data(n)) => early_to_client = n,
+            Ok(First::Header(n)) => {
+                for c in sinks {
+                    c.add_bytes(0, n);
+                }
+                EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
+                tally.fail(Failure::ProxyProtocol);
+                tracing::debug!(entry_point = %ep.name, peer = %peer, "PROXY header from an untrusted address refused");
+                return;
+            }
+            Ok(First::Ended(n, outcome)) => {
+                for c in sinks {
+                    c.add_bytes(0, n);
+                }
+                let t = Transferred {
+                    to_backend: 0,
+                    to_client: n,
+                };
+                tally.finished(&pick, &t, &outcome);
+                ended(&route, &pick, &outcome);
+                return;
+            }
+            Err(e) => {
+                tally.finished(&pick, &Transferred::default(), &Outcome::Error(e));
+                return;
+            }
+        }
+    }
     let initial = buf.len() as u64;
     if !buf.is_empty() {
         if let Err(e) = backend.write_all(&buf).await {
@@ -251,15 +290,99 @@ pub async fn serve(
         buf = Vec::new();
     }
     drop(buf);
-    let delay = pick.service.termination_delay;
+    let mut meter = copy::Meter::new(&sinks);
+    for c in sinks {
+        c.add_bytes(initial, early_to_client);
+    }
     let (outcome, mut t) = match &mut backend {
         #[cfg(target_os = "linux")]
-        BackendStream::Plain(b) if opts.splice => copy::copy_spliced(&mut stream, b, delay).await,
-        _ => copy::copy_buffered(&mut stream, &mut backend, delay).await,
+        BackendStream::Plain(b) if opts.splice => {
+            copy::copy_spliced(&mut stream, b, delay, &mut meter).await
+        }
+        _ => copy::copy_buffered(&mut stream, &mut backend, delay, &mut meter).await,
     };
     t.to_backend += initial;
+    t.to_client += early_to_client;
     tally.finished(&pick, &t, &outcome);
-    account(&route, &pick, t, &outcome);
+    ended(&route, &pick, &outcome);
+}
+
+/// What the first bytes of an untrusted client were.
+enum First {
+    /// Not a PROXY header (they are in the buffer); the count of bytes already relayed from the
+    /// server to the client.
+    Data(u64),
+    /// A PROXY header: refuse (bytes relayed so far).
+    Header(u64),
+    /// The connection ended before the client sent a byte (bytes relayed, how).
+    Ended(u64, Outcome),
+}
+
+/// Waits for the client's first bytes (into `buf`) while relaying what the server sends first,
+/// so that server-first protocols work; bounded by `timeout` once a byte that may start a PROXY
+/// signature came, and by the termination delay once one side closed.
+async fn untrusted_first_bytes(
+    stream: &mut TcpStream,
+    backend: &mut BackendStream,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+    delay: Option<Duration>,
+) -> io::Result<First> {
+    use tokio::io::AsyncReadExt;
+    let mut relay: Vec<u8> = Vec::new();
+    let mut relayed = 0u64;
+    let mut backend_eof = false;
+    let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut chunk = [0u8; 1024];
+    loop {
+        tokio::select! {
+            r = stream.read(&mut chunk) => {
+                let n = r?;
+                if n == 0 {
+                    // The client closed without a byte: the copy sees its EOF and half-closes.
+                    return Ok(First::Data(relayed));
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                break;
+            }
+            r = async {
+                if relay.is_empty() {
+                    relay = vec![0u8; 16 * 1024];
+                }
+                backend.read(&mut relay).await
+            }, if !backend_eof => {
+                let n = r?;
+                if n == 0 {
+                    backend_eof = true;
+                    let _ = stream.shutdown().await;
+                    deadline = delay.map(|d| Box::pin(tokio::time::sleep(d)));
+                } else {
+                    stream.write_all(&relay[..n]).await?;
+                    relayed += n as u64;
+                }
+            }
+            () = async {
+                match deadline.as_mut() {
+                    Some(d) => d.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => return Ok(First::Ended(relayed, Outcome::TerminationDelay)),
+        }
+    }
+    // A few bytes that may start a signature: read until it is clear (bounded).
+    let until = tokio::time::Instant::now() + timeout;
+    while proxy_in::looks_like_header(buf) && !proxy_in::is_header(buf) {
+        match tokio::time::timeout_at(until, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    if proxy_in::looks_like_header(buf) {
+        Ok(First::Header(relayed))
+    } else {
+        Ok(First::Data(relayed))
+    }
 }
 
 /// Terminates TLS (replaying the peeked bytes to rustls), then copies plaintext to the server.
@@ -301,20 +424,29 @@ async fn terminate(
     tally.connected(&pick);
     let _srv_open = pick.server.counters.open();
     let _svc_open = pick.service.counters.open();
-    let (outcome, t) =
-        copy::copy_buffered(&mut tls, &mut backend, pick.service.termination_delay).await;
+    let sinks = sinks(route, &pick);
+    let mut meter = copy::Meter::new(&sinks);
+    let (outcome, t) = copy::copy_buffered(
+        &mut tls,
+        &mut backend,
+        pick.service.termination_delay,
+        &mut meter,
+    )
+    .await;
     tally.finished(&pick, &t, &outcome);
-    account(route, &pick, t, &outcome);
+    ended(route, &pick, &outcome);
 }
 
-fn account(route: &Route, pick: &Pick, t: Transferred, outcome: &Outcome) {
-    for c in [
+/// The counters a connection's bytes go to (while it is open: see [`copy::Meter`]).
+fn sinks<'a>(route: &'a Route, pick: &'a Pick) -> [&'a Counters; 3] {
+    [
         &*route.counters,
         &*pick.service.counters,
         &pick.server.counters,
-    ] {
-        c.add_bytes(t.to_backend, t.to_client);
-    }
+    ]
+}
+
+fn ended(route: &Route, pick: &Pick, outcome: &Outcome) {
     if let Outcome::Error(e) = outcome {
         tracing::trace!(router = %route.name, server = %pick.server.address, error = %e, "connection ended by an error");
     }

@@ -30,6 +30,44 @@ pub struct Transferred {
     pub to_client: u64,
 }
 
+/// Where the byte counts of a connection go while it is open (router, service, server counters).
+///
+/// The copy adds what moved since the last time after each wake-up of the connection task (a
+/// few relaxed atomic adds per wake-up, none per byte), so long-lived connections show in the
+/// metrics before they close.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Meter<'a> {
+    sinks: &'a [&'a crate::metrics::Counters],
+    to_backend: u64,
+    to_client: u64,
+}
+
+impl<'a> Meter<'a> {
+    /// Counts into `sinks`.
+    pub fn new(sinks: &'a [&'a crate::metrics::Counters]) -> Self {
+        Meter {
+            sinks,
+            to_backend: 0,
+            to_client: 0,
+        }
+    }
+
+    /// Adds to the sinks what `to_backend`/`to_client` (running totals) grew by since the last
+    /// call.
+    #[inline]
+    pub fn flush(&mut self, to_backend: u64, to_client: u64) {
+        if to_backend == self.to_backend && to_client == self.to_client {
+            return;
+        }
+        let (up, down) = (to_backend - self.to_backend, to_client - self.to_client);
+        self.to_backend = to_backend;
+        self.to_client = to_client;
+        for c in self.sinks {
+            c.add_bytes(up, down);
+        }
+    }
+}
+
 /// How a proxied connection ended.
 #[derive(Debug)]
 pub enum Outcome {
@@ -156,6 +194,7 @@ pub async fn copy_buffered<C, B>(
     client: &mut C,
     backend: &mut B,
     termination_delay: Option<Duration>,
+    meter: &mut Meter<'_>,
 ) -> (Outcome, Transferred)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -165,16 +204,21 @@ where
     let mut down = BufDir::new();
     let mut deadline = Deadline::new(termination_delay);
     let outcome = poll_fn(|cx| {
-        if !up.done
-            && let Poll::Ready(Err(e)) =
-                up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend))
-        {
+        let up_res = if up.done {
+            Poll::Pending
+        } else {
+            up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend))
+        };
+        let down_res = if down.done || matches!(up_res, Poll::Ready(Err(_))) {
+            Poll::Pending
+        } else {
+            down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client))
+        };
+        meter.flush(up.amt, down.amt);
+        if let Poll::Ready(Err(e)) = up_res {
             return Poll::Ready(Outcome::Error(e));
         }
-        if !down.done
-            && let Poll::Ready(Err(e)) =
-                down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client))
-        {
+        if let Poll::Ready(Err(e)) = down_res {
             return Poll::Ready(Outcome::Error(e));
         }
         match (up.done, down.done) {
@@ -211,7 +255,7 @@ mod splice {
     use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
     use tokio::net::TcpStream;
 
-    use super::{Deadline, Outcome, Transferred};
+    use super::{Deadline, Meter, Outcome, Transferred};
 
     /// Bytes asked of one splice call (the pipe bounds what moves).
     const CHUNK: usize = 1 << 20;
@@ -450,19 +494,27 @@ mod splice {
         client: &mut TcpStream,
         backend: &mut TcpStream,
         termination_delay: Option<Duration>,
+        meter: &mut Meter<'_>,
     ) -> (Outcome, Transferred) {
         let mut up = Dir::new();
         let mut down = Dir::new();
         let mut deadline = Deadline::new(termination_delay);
         let outcome = std::future::poll_fn(|cx| {
-            if !up.done
-                && let Poll::Ready(Err(e)) = up.poll(cx, client, backend, down.done)
-            {
+            let up_res = if up.done {
+                Poll::Pending
+            } else {
+                up.poll(cx, client, backend, down.done)
+            };
+            let down_res = if down.done || matches!(up_res, Poll::Ready(Err(_))) {
+                Poll::Pending
+            } else {
+                down.poll(cx, backend, client, up.done)
+            };
+            meter.flush(up.amt, down.amt);
+            if let Poll::Ready(Err(e)) = up_res {
                 return Poll::Ready(Outcome::Error(e));
             }
-            if !down.done
-                && let Poll::Ready(Err(e)) = down.poll(cx, backend, client, up.done)
-            {
+            if let Poll::Ready(Err(e)) = down_res {
                 return Poll::Ready(Outcome::Error(e));
             }
             match (up.done, down.done) {
@@ -512,8 +564,8 @@ mod tests {
         let h = tokio::spawn(async move {
             match engine {
                 #[cfg(target_os = "linux")]
-                1 => copy_spliced(&mut pc, &mut pb, delay).await,
-                _ => copy_buffered(&mut pc, &mut pb, delay).await,
+                1 => copy_spliced(&mut pc, &mut pb, delay, &mut Meter::default()).await,
+                _ => copy_buffered(&mut pc, &mut pb, delay, &mut Meter::default()).await,
             }
         });
         (client, backend, h)

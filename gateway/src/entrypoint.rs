@@ -31,8 +31,12 @@ pub enum BindError {
         /// What is wrong.
         message: String,
     },
-    /// The listener cannot be bound.
-    #[error("entry point {entry_point}: cannot listen on {address}: {source}")]
+    /// The listener cannot be bound (`EADDRINUSE`: another process, e.g. another tagway,
+    /// listens there).
+    #[error("entry point {entry_point}: cannot listen on {address}: {source}{}",
+        if source.kind() == io::ErrorKind::AddrInUse {
+            " (another process listens there: is another tagway running?)"
+        } else { "" })]
     Bind {
         /// The entry point.
         entry_point: String,
@@ -77,29 +81,158 @@ pub fn parse_address(entry_point: &str, address: &str) -> Result<Vec<SocketAddr>
         })
 }
 
-/// Binds a non-blocking listener with SO_REUSEADDR and (Unix) SO_REUSEPORT, so every worker
-/// thread can have its own listener on the same address and the kernel spreads connections.
-pub fn bind_addr(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
+/// Binds a non-blocking listener with SO_REUSEADDR and, when `shared` (Unix), SO_REUSEPORT, so
+/// every worker thread can have its own listener on the same address and the kernel spreads
+/// connections. Use [`bind_group`] for an entry point: it refuses an address another process
+/// listens on.
+pub fn bind_addr(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
+    let sock = socket(addr)?;
     #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
-    sock.set_reuse_port(true)?;
-    if addr.is_ipv6() && addr.ip().is_unspecified() {
-        sock.set_only_v6(false)?;
+    if shared {
+        sock.set_reuse_port(true)?;
     }
-    sock.set_nonblocking(true)?;
+    #[cfg(not(all(unix, not(target_os = "solaris"), not(target_os = "illumos"))))]
+    let _ = shared;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     Ok(sock.into())
 }
 
+fn socket(addr: SocketAddr) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // SO_REUSEADDR: restart while old connections are in TIME_WAIT. It never lets two listeners
+    // share an address.
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        sock.set_only_v6(false)?;
+    }
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
+
+/// Binds `count` listeners on `addr` (one per worker thread) that only this process shares:
+///
+/// - before the SO_REUSEPORT group is created, the address is bound once without SO_REUSEPORT:
+///   a listener of another process (another tagway included) makes that fail with
+///   `EADDRINUSE`, so a second gateway cannot silently share the port;
+/// - on Linux the group gets a classic BPF program that spreads new connections over the first
+///   `count` sockets only (ours, created first): a socket another process of the same user adds
+///   later with SO_REUSEPORT receives no connection.
+///
+/// With `count` 1 the listener has no SO_REUSEPORT at all. Fewer than `count` listeners are
+/// returned when a worker's cannot be bound (logged by the caller); the first one always is.
+pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if count <= 1 {
+        return Ok(vec![bind_addr(addr, false)?]);
+    }
+    let first = if addr.port() != 0 {
+        // The probe: exclusive, not listening; released right after.
+        let probe = socket(addr)?;
+        probe.bind(&addr.into())?;
+        drop(probe);
+        bind_addr(addr, true)?
+    } else {
+        bind_addr(addr, true)?
+    };
+    let bound = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..count {
+        match bind_addr(bound, true) {
+            Ok(l) => all.push(l),
+            Err(e) => {
+                tracing::warn!(address = %bound, error = %e,
+                    "cannot add a worker listener (SO_REUSEPORT); fewer threads serve it");
+                break;
+            }
+        }
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = spread_over_first(&all[0], all.len() as u32) {
+        tracing::debug!(address = %bound, error = %e,
+            "no SO_ATTACH_REUSEPORT_CBPF: the kernel's hash spreads connections");
+    }
+    Ok(all)
+}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic value; the libc crate lacks it for Linux).
+#[cfg(target_os = "linux")]
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches `A = random() % n; return A` to the SO_REUSEPORT group of `l`: each new connection
+/// goes to one of the group's first `n` sockets (ours), never to a socket added later.
+#[cfg(all(
+    target_os = "linux",
+    not(any(
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    ))
+))]
+fn spread_over_first(l: &std::net::TcpListener, n: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let mut prog = [
+        op(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+        ),
+        op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, n.max(1)),
+        op(libc::BPF_RET | libc::BPF_A, 0),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: setsockopt on a socket we own, with a pointer to a valid sock_fprog whose filter
+    // array outlives the call (the kernel copies it).
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    )
+))]
+fn spread_over_first(_l: &std::net::TcpListener, _n: u32) -> io::Result<()> {
+    Err(io::Error::other(
+        "SO_ATTACH_REUSEPORT_CBPF has another value on this architecture",
+    ))
+}
+
 /// Binds an entry point (the first candidate address that works: `[::]` then `0.0.0.0` for
-/// `:port`).
-pub fn bind(entry_point: &str, address: &str) -> Result<std::net::TcpListener, BindError> {
+/// `:port`) with `count` listeners (one per worker thread; see [`bind_group`]).
+pub fn bind(
+    entry_point: &str,
+    address: &str,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, BindError> {
     let candidates = parse_address(entry_point, address)?;
     let mut last = None;
     for a in &candidates {
-        match bind_addr(*a) {
+        match bind_group(*a, count) {
             Ok(l) => return Ok(l),
             Err(e) => last = Some((*a, e)),
         }
@@ -219,6 +352,55 @@ pub async fn accept_loop<F, Fut>(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_group_is_not_shared_with_another_process() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        assert_eq!(group.len(), 3);
+        let addr = group[0].local_addr().unwrap();
+        assert!(group.iter().all(|l| l.local_addr().unwrap() == addr));
+        // What a second gateway does: refused, with or without SO_REUSEPORT.
+        let e = bind_group(addr, 3).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert_eq!(
+            bind_group(addr, 1).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        let e = bind("web", &addr.to_string(), 2).unwrap_err().to_string();
+        assert!(
+            e.contains("entry point web")
+                && e.contains(&addr.to_string())
+                && e.contains("another tagway"),
+            "{e}"
+        );
+        // A foreign SO_REUSEPORT socket of the same user can join the group, but gets no
+        // connection: every one lands on ours.
+        let foreign = bind_addr(addr, true).unwrap();
+        foreign.set_nonblocking(true).unwrap();
+        let ours: Vec<TcpListener> = group
+            .into_iter()
+            .map(|l| TcpListener::from_std(l).unwrap())
+            .collect();
+        let mut clients = Vec::new();
+        for _ in 0..40 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut accepted = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while accepted < clients.len() && tokio::time::Instant::now() < deadline {
+            for l in &ours {
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(5), l.accept()).await
+                {
+                    accepted += 1;
+                }
+            }
+        }
+        assert_eq!(accepted, clients.len());
+        assert!(
+            foreign.accept().is_err(),
+            "the foreign socket got a connection"
+        );
+    }
+
     #[test]
     fn addresses() {
         let v = parse_address("ep", ":5432").unwrap();
@@ -234,7 +416,7 @@ mod tests {
 
     #[tokio::test]
     async fn dual_stack_all_addresses() {
-        let l = TcpListener::from_std(bind("ep", ":0").unwrap()).unwrap();
+        let l = TcpListener::from_std(bind("ep", ":0", 1).unwrap().remove(0)).unwrap();
         let port = l.local_addr().unwrap().port();
         let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (_s, peer) = l.accept().await.unwrap();

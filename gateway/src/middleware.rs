@@ -110,6 +110,16 @@ impl InFlightConn {
         })
     }
 
+    /// A limiter of `amount` connections per client IP that shares the counts of `prev` (a
+    /// reload): connections opened before it still count, and release their slot here when they
+    /// end.
+    pub fn carry_over(amount: u64, prev: &InFlightConn) -> Self {
+        InFlightConn {
+            amount,
+            counts: prev.counts.clone(),
+        }
+    }
+
     /// Connections currently held by `ip`.
     pub fn current(&self, ip: IpAddr) -> u64 {
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());

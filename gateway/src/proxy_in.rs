@@ -103,6 +103,11 @@ pub fn looks_like_header(buf: &[u8]) -> bool {
     n > 0 && (buf[..n] == V2_SIG[..n] || buf[..m] == V1_SIG[..m])
 }
 
+/// True when `buf` starts with a whole PROXY signature (`PROXY ` or the v2 signature).
+pub fn is_header(buf: &[u8]) -> bool {
+    buf.starts_with(V1_SIG) || buf.starts_with(V2_SIG)
+}
+
 /// Reads an optional PROXY header from a trusted peer into `buf`. On return, `buf` holds the bytes
 /// read after the header (to be replayed). `Ok(None)` when the peer sent no header (its first
 /// bytes are something else, or it sent nothing within the timeout).
@@ -228,6 +233,10 @@ mod tests {
         assert!(looks_like_header(b"\r\n\r\n\0\r\nQUIT\n\x21"));
         assert!(!looks_like_header(b"GET /"));
         assert!(!looks_like_header(b"\x16\x03\x01"));
+        assert!(is_header(b"PROXY TCP4"));
+        assert!(!is_header(b"PROX"));
+        assert!(is_header(b"\r\n\r\n\0\r\nQUIT\n\x21"));
+        assert!(!is_header(b"\r\n\r\n\0\r\n"));
     }
 
     #[tokio::test]

@@ -36,6 +36,8 @@ pub struct Route {
     pub priority: i64,
     /// TLS handling.
     pub tls: TlsMode,
+    /// The termination configuration (its `tls.options`), for [`TlsMode::Terminate`].
+    pub tls_config: Option<Arc<rustls::ServerConfig>>,
     /// Middlewares, in order.
     pub middlewares: Vec<Arc<Middleware>>,
     /// The service.
@@ -141,6 +143,7 @@ mod tests {
             priority: prio.unwrap_or_else(|| Rule::default_priority(rule)),
             rule: r,
             tls,
+            tls_config: None,
             middlewares: vec![],
             service: Arc::new(Balancer::new(vec![])),
             counters: Arc::default(),

@@ -38,12 +38,14 @@ pub struct CompileError {
 pub struct Tables {
     /// Routing table per entry point name.
     pub entry_points: HashMap<String, EntryTable>,
-    /// TLS termination configuration (None when it could not be built).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS termination configurations, per `tls.options` name (routers hold theirs).
+    pub tls: crate::tls::TlsConfigs,
     /// Services by name.
     pub services: HashMap<String, Arc<Balancer>>,
     /// Routers by name.
     pub routers: HashMap<String, Arc<Route>>,
+    /// Middlewares by name (the ones that compiled).
+    pub middlewares: HashMap<String, Arc<Middleware>>,
     servers: HashMap<(String, String), Arc<ServerState>>,
     transports: Option<Transports>,
     health: HealthChecks,
@@ -259,9 +261,15 @@ pub fn compile(
             (Some(l), None) => IpAllowList::new(&l.source_range)
                 .map(|l| Arc::new(Middleware::IpAllowList(l)))
                 .map_err(|e| e.to_string()),
-            (None, Some(f)) if f.amount > 0 => Ok(Arc::new(Middleware::InFlightConn(
-                InFlightConn::new(f.amount as u64),
-            ))),
+            (None, Some(f)) if f.amount > 0 => {
+                // The counts survive a reload: connections opened before it still count.
+                let amount = f.amount as u64;
+                let limiter = match prev.and_then(|p| p.middlewares.get(name)).map(|m| &**m) {
+                    Some(Middleware::InFlightConn(old)) => InFlightConn::carry_over(amount, old),
+                    _ => InFlightConn::new(amount),
+                };
+                Ok(Arc::new(Middleware::InFlightConn(limiter)))
+            }
             (None, Some(f)) => Err(format!(
                 "inFlightConn.amount must be positive, got {}",
                 f.amount
@@ -278,11 +286,15 @@ pub fn compile(
         middlewares.insert(name, res);
     }
 
-    let (tls, tls_errors) = crate::tls::server_config(&dynamic.tls);
+    let (tls, tls_errors) = crate::tls::server_configs(&dynamic.tls);
     for e in tls_errors {
+        let (kind, name) = match &e {
+            crate::tls::CertError::Options { options, .. } => ("tls options", options.clone()),
+            _ => ("tls", "certificates".to_owned()),
+        };
         cx.errors.push(CompileError {
-            kind: "tls",
-            name: "certificates".into(),
+            kind,
+            name,
             message: e.to_string(),
         });
     }
@@ -294,7 +306,7 @@ pub fn compile(
         .collect();
     let mut routers = HashMap::new();
     for (name, r) in &dynamic.tcp.routers {
-        let res = compile_router(&mut cx, &middlewares, name, r);
+        let res = compile_router(&mut cx, &middlewares, &tls, name, r);
         let route = match res {
             Ok(route) => route,
             Err(message) => {
@@ -339,7 +351,12 @@ pub fn compile(
         .iter()
         .filter_map(|(k, v)| v.as_ref().ok().map(|b| (k.clone(), b.clone())))
         .collect();
+    let middlewares = middlewares
+        .into_iter()
+        .filter_map(|(k, v)| v.ok().map(|m| (k.to_owned(), m)))
+        .collect();
     let tables = Tables {
+        middlewares,
         entry_points: per_ep
             .into_iter()
             .map(|(k, v)| (k, EntryTable::new(v)))
@@ -357,6 +374,7 @@ pub fn compile(
 fn compile_router(
     cx: &mut Ctx<'_>,
     middlewares: &HashMap<&str, Result<Arc<Middleware>, String>>,
+    tls_configs: &crate::tls::TlsConfigs,
     name: &str,
     r: &tagway_config::Router,
 ) -> Result<Arc<Route>, String> {
@@ -372,6 +390,14 @@ fn compile_router(
             r.rule
         ));
     }
+    let tls_config = match (&r.tls, tls) {
+        (Some(t), TlsMode::Terminate) => Some(
+            tls_configs
+                .get(t.options.as_deref())
+                .map_err(|e| format!("tls.options: {e}"))?,
+        ),
+        _ => None,
+    };
     let mut chain = Vec::new();
     for m in &r.middlewares {
         match middlewares.get(m.as_str()) {
@@ -388,6 +414,7 @@ fn compile_router(
             .unwrap_or_else(|| Rule::default_priority(&r.rule)),
         rule,
         tls,
+        tls_config,
         middlewares: chain,
         service,
         counters: cx

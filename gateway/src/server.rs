@@ -53,9 +53,16 @@ pub struct GatewayHandle {
     tables: Arc<ArcSwap<Tables>>,
     entry_points: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: watch::Receiver<u64>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GatewayHandle {
+    /// True once shutdown began: no new connections are accepted and the open ones drain
+    /// (`/ready` answers 503 from then on).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The tables in use now.
     pub fn tables(&self) -> Arc<Tables> {
         self.tables.load_full()
@@ -76,10 +83,12 @@ impl GatewayHandle {
 pub struct Gateway {
     static_cfg: StaticConfig,
     options: Arc<Options>,
-    listeners: Vec<(String, std::net::TcpListener)>,
+    /// Per entry point: one listener per worker thread (the first one for this runtime).
+    listeners: Vec<(String, Vec<std::net::TcpListener>)>,
     tables: Arc<ArcSwap<Tables>>,
     counters: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: (watch::Sender<u64>, watch::Receiver<u64>),
+    draining: Arc<std::sync::atomic::AtomicBool>,
     obs: Option<Observability>,
     identity: Option<IdentitySource>,
 }
@@ -99,6 +108,7 @@ impl Gateway {
             tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
             counters: Arc::new(counters),
             generation: watch::channel(0),
+            draining: Arc::default(),
             obs: None,
             identity: None,
         }
@@ -130,8 +140,8 @@ impl Gateway {
             return Ok(());
         }
         for (name, ep) in &self.static_cfg.entry_points {
-            let l = entrypoint::bind(name, &ep.address)?;
-            tracing::info!(entry_point = %name, address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+            let l = entrypoint::bind(name, &ep.address, self.options.workers.max(1))?;
+            tracing::info!(entry_point = %name, address = %l[0].local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
             self.listeners.push((name.clone(), l));
         }
         Ok(())
@@ -142,7 +152,7 @@ impl Gateway {
         self.listeners
             .iter()
             .find(|(n, _)| n == entry_point)
-            .and_then(|(_, l)| l.local_addr().ok())
+            .and_then(|(_, l)| l.first()?.local_addr().ok())
     }
 
     /// A handle on the running state.
@@ -151,6 +161,7 @@ impl Gateway {
             tables: self.tables.clone(),
             entry_points: self.counters.clone(),
             generation: self.generation.1.clone(),
+            draining: self.draining.clone(),
         }
     }
 
@@ -219,18 +230,16 @@ impl Gateway {
                 access_log: self.obs.as_ref().and_then(Observability::access_log),
             });
             let limit = entrypoint::connection_limit(ep_cfg.max_connections);
-            if let Ok(addr) = listener.local_addr() {
-                for w in per_worker.iter_mut() {
-                    match entrypoint::bind_addr(addr) {
-                        Ok(l) => w.push(LoopSpec {
-                            listener: l,
-                            state: state.clone(),
-                            limit: limit.clone(),
-                        }),
-                        Err(e) => tracing::warn!(entry_point = %name, error = %e,
-                            "cannot add a worker listener (SO_REUSEPORT); fewer threads serve it"),
-                    }
-                }
+            let mut listeners = listener.into_iter();
+            let Some(listener) = listeners.next() else {
+                continue;
+            };
+            for (w, l) in per_worker.iter_mut().zip(listeners) {
+                w.push(LoopSpec {
+                    listener: l,
+                    state: state.clone(),
+                    limit: limit.clone(),
+                });
             }
             loops.push(tokio::spawn(serve_loop(
                 LoopSpec {
@@ -288,6 +297,8 @@ impl Gateway {
             }
         }
         shutdown.await;
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down: no new connections");
         let _ = stop_tx.send(true);
         for l in loops {

@@ -2,6 +2,7 @@
 //! file-provider configuration, real backends and clients on 127.0.0.1.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tagway_integration::e2e::*;
@@ -465,5 +466,304 @@ async fn inbound_proxy_protocol_from_trusted_and_untrusted_addresses() -> anyhow
         exchange(gw.addr("tcp"), Some("127.0.0.2"), b"hello").await?,
         b"DIRECT"
     );
+    Ok(())
+}
+
+/// Opens a connection through `to` and checks it is proxied (echo).
+async fn open_echo(to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let mut c = TcpStream::connect(to).await?;
+    c.write_all(b"hi").await?;
+    let mut b = [0u8; 2];
+    tokio::time::timeout(WAIT, c.read_exact(&mut b)).await??;
+    anyhow::ensure!(&b == b"hi", "not echoed: {b:?}");
+    Ok(c)
+}
+
+#[tokio::test]
+async fn in_flight_conn_counts_survive_a_reload() -> anyhow::Result<()> {
+    let echo = echo_backend().await?;
+    let other = named_backend("OTHER").await?;
+    let cfg = |extra: &str| {
+        format!(
+            "{}{}{}[tcp.middlewares.limit.inFlightConn]\namount = 2\n{extra}",
+            router_toml("r", "HostSNI(`*`)", "s", "middlewares = [\"limit\"]"),
+            service_toml("s", &[(echo, 1)]),
+            service_toml("o", &[(other, 1)]),
+        )
+    };
+    let gw = Gateway::start(&["tcp"], "", &cfg(""))?;
+    let a = open_echo(gw.addr("tcp")).await?;
+    let b = open_echo(gw.addr("tcp")).await?;
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"");
+    // A reload that changes something else: the middleware keeps its counts.
+    gw.reload(&cfg(&router_toml(
+        "unrelated",
+        "ClientIP(`192.0.2.1`)",
+        "o",
+        "",
+    )))
+    .await?;
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"");
+    // Connections opened before the reload release their slot when they end.
+    drop(a);
+    let deadline = Instant::now() + WAIT;
+    let c = loop {
+        match open_echo(gw.addr("tcp")).await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"");
+    drop((b, c));
+    Ok(())
+}
+
+/// One HTTP/1.0 GET against the admin listener: (status, body).
+async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(admin).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no HTTP head: {text}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status: {head}"))?;
+    Ok((status, body.to_owned()))
+}
+
+#[tokio::test]
+async fn ready_is_503_while_draining_after_sigterm() -> anyhow::Result<()> {
+    let echo = echo_backend().await?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut gw = Gateway::start(
+        &["tcp"],
+        &format!("[admin]\naddress = \"{admin}\"\n[shutdown]\ngracePeriod = \"10s\"\n"),
+        &one_route(&[(echo, 1)]),
+    )?;
+    let deadline = Instant::now() + WAIT;
+    while admin_get(admin, "/ready").await.map(|r| r.0).unwrap_or(0) != 200 {
+        anyhow::ensure!(Instant::now() < deadline, "never ready:\n{}", gw.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = open_echo(gw.addr("tcp")).await?;
+    gw.signal("-TERM")?;
+    let deadline = Instant::now() + WAIT;
+    let (status, body) = loop {
+        let r = admin_get(admin, "/ready").await?;
+        if r.0 != 200 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"draining\":true"), "{body}");
+    assert!(gw.is_running());
+    drop(c);
+    assert_eq!(gw.wait_exit(WAIT).await?, Some(0));
+    Ok(())
+}
+
+/// Connects from `source`, sends `send`, half-closes, reads until EOF (bounded).
+async fn sent_then_closed(to: SocketAddr, source: &str, send: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{source}:0").parse()?)?;
+    let mut s = sock.connect(to).await?;
+    s.write_all(send).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    // A reset after the data still tells what arrived.
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn inbound_proxy_protocol_on_an_entry_point_without_tls_routers() -> anyhow::Result<()> {
+    let proxied = named_backend("PROXIED").await?;
+    let first = named_backend("FIRST").await?;
+    let echo = echo_backend().await?;
+    let mut cfg = String::new();
+    cfg.push_str(&router_toml(
+        "p",
+        "ClientIP(`192.0.2.0/24`)",
+        "p",
+        "priority = 100",
+    ));
+    cfg.push_str(&router_toml(
+        "f",
+        "ClientIP(`127.0.0.3`)",
+        "f",
+        "priority = 90",
+    ));
+    cfg.push_str(&router_toml("d", "HostSNI(`*`)", "d", ""));
+    cfg.push_str(&service_toml("p", &[(proxied, 1)]));
+    cfg.push_str(&service_toml("f", &[(first, 1)]));
+    cfg.push_str(&service_toml("d", &[(echo, 1)]));
+    let gw = Gateway::start(
+        &["tcp"],
+        "[entryPoints.tcp.proxyProtocol]\ntrustedIPs = [\"127.0.0.1\"]\n",
+        &cfg,
+    )?;
+    let header = b"PROXY TCP4 192.0.2.9 127.0.0.1 5555 80\r\nhello";
+    // Trusted: decoded and stripped; the header's address is the client's.
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.1"), header).await?,
+        b"PROXIED"
+    );
+    // Untrusted with a header: refused, nothing reaches the (echo) backend.
+    assert_eq!(
+        sent_then_closed(gw.addr("tcp"), "127.0.0.2", header).await?,
+        b""
+    );
+    let v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x09\x7f\x00\x00\x01\x15\xb3\x00\x50hello";
+    assert_eq!(
+        sent_then_closed(gw.addr("tcp"), "127.0.0.2", v2).await?,
+        b""
+    );
+    // Untrusted without a header: passed through.
+    assert_eq!(
+        sent_then_closed(gw.addr("tcp"), "127.0.0.2", b"hello").await?,
+        b"hello"
+    );
+    assert_eq!(
+        sent_then_closed(gw.addr("tcp"), "127.0.0.2", b"PRIVMSG x").await?,
+        b"PRIVMSG x"
+    );
+    // A server-first backend still speaks first to an untrusted client that sends nothing.
+    assert_eq!(
+        exchange(gw.addr("tcp"), Some("127.0.0.3"), b"").await?,
+        b"FIRST"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_tagway_on_the_same_port_fails_to_bind() -> anyhow::Result<()> {
+    let a = named_backend("A").await?;
+    let gw = Gateway::start(&["tcp"], "", &one_route(&[(a, 1)]))?;
+    let second = tokio::process::Command::new(tagway_bin()?)
+        .args(["run", "--config"])
+        .arg(gw.dir().join("static.toml"))
+        .env("RUST_LOG", "info")
+        .env("TOKIO_WORKER_THREADS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = tokio::time::timeout(WAIT, second.wait_with_output()).await??;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second tagway runs:\n{log}");
+    let addr = gw.addr("tcp").to_string();
+    assert!(
+        log.contains("entry point tcp") && log.contains(&addr) && log.contains("in use"),
+        "{log}"
+    );
+    // The first one still serves every connection.
+    for _ in 0..20 {
+        assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"A");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_options_from_the_file_provider() -> anyhow::Result<()> {
+    use rustls_pki_types::pem::PemObject;
+    let one = named_backend("ONE").await?;
+    let (c1, k1) = cert(&["one.example"])?;
+    let mut cfg = String::new();
+    cfg.push_str(&router_toml(
+        "one",
+        "HostSNI(`one.example`)",
+        "one",
+        "[tcp.routers.one.tls]\noptions = \"modern\"\n",
+    ));
+    cfg.push_str(&service_toml("one", &[(one, 1)]));
+    cfg.push_str(&format!(
+        "[[tls.certificates]]\ncertFile = {}\nkeyFile = {}\n",
+        toml_pem(&c1),
+        toml_pem(&k1)
+    ));
+    cfg.push_str(
+        "[tls.options.modern]\nminVersion = \"VersionTLS13\"\nalpnProtocols = [\"x-tagway\"]\n\
+         curvePreferences = [\"X25519\"]\ncipherSuites = [\"TLS_AES_256_GCM_SHA384\"]\n",
+    );
+    let gw = Gateway::start(&["tcp"], "", &cfg)?;
+    let client = |versions: &[&'static rustls::SupportedProtocolVersion]| -> anyhow::Result<_> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(c1.as_bytes()) {
+            roots.add(c?)?;
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"x-tagway".to_vec()];
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    };
+    let name = rustls_pki_types::ServerName::try_from("one.example")?;
+    // TLS 1.3: served, with the options' ALPN and cipher suite.
+    let tcp = TcpStream::connect(gw.addr("tcp")).await?;
+    let mut t = tokio::time::timeout(
+        WAIT,
+        client(&[&rustls::version::TLS13])?.connect(name.clone(), tcp),
+    )
+    .await??;
+    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"x-tagway"[..]));
+    assert_eq!(
+        t.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+    );
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut out)).await??;
+    assert_eq!(out, b"ONE");
+    // A TLS 1.2-only client is refused by minVersion.
+    let tcp = TcpStream::connect(gw.addr("tcp")).await?;
+    let r =
+        tokio::time::timeout(WAIT, client(&[&rustls::version::TLS12])?.connect(name, tcp)).await?;
+    assert!(r.is_err(), "a TLS 1.2 handshake succeeded");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_exits_at_once_even_with_a_blocked_file_read() -> anyhow::Result<()> {
+    let a = named_backend("A").await?;
+    let mut gw = Gateway::start(
+        &["tcp"],
+        "[shutdown]\ngracePeriod = \"30s\"\n",
+        &one_route(&[(a, 1)]),
+    )?;
+    assert_eq!(exchange(gw.addr("tcp"), None, b"").await?, b"A");
+    // The dynamic file becomes a FIFO nobody writes: the file provider's next load blocks one
+    // of the runtime's blocking threads in open(2) for good.
+    let file = gw.dir().join("dynamic.toml");
+    std::fs::remove_file(&file)?;
+    let made = std::process::Command::new("mkfifo").arg(&file).status()?;
+    anyhow::ensure!(made.success(), "mkfifo failed");
+    gw.signal("-HUP")?;
+    let deadline = Instant::now() + WAIT;
+    while gw.log_count("SIGHUP") == 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no SIGHUP log:\n{}",
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No open connection: SIGTERM ends the process, exit code 0, well within the grace period
+    // (a runtime waiting for the blocked thread would never exit).
+    gw.signal("-TERM")?;
+    assert_eq!(gw.wait_exit(WAIT).await?, Some(0), "{}", gw.log_text());
+    assert_eq!(gw.log_count("tagway stopped"), 1);
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `GET /ping` | `200 OK` while the process runs |
-//! | `GET /ready` | `200` once the first configuration of every enabled provider is applied, else `503` with the providers still awaited |
+//! | `GET /ready` | `200` once the first configuration of every enabled provider is applied, else `503` with the providers still awaited; `503` again once shutdown began (draining) |
 //! | `GET /api/version` | version, codename, start date |
 //! | `GET /api/overview` | counts per resource kind, providers and their reload status, errors |
 //! | `GET /api/tcp/routers`, `/api/tcp/routers/{name}` | routers |
@@ -198,7 +198,13 @@ async fn ping() -> &'static str {
 }
 
 async fn ready(State(s): S) -> Response {
-    if s.obs.is_ready() {
+    if s.gateway.is_draining() {
+        // Shutting down: load balancers should stop sending new clients here.
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "ready": false, "draining": true }),
+        )
+    } else if s.obs.is_ready() {
         ok(json!({ "ready": true }))
     } else {
         json_response(

@@ -350,7 +350,7 @@ pub fn main(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "tagway starting");
         let st = Arc::new(st);
         let obs = match Observability::new(&st) {
@@ -426,7 +426,12 @@ pub fn main(path: &Path) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Connections are drained and logs written: exit now. Dropping the runtime would wait for
+    // its blocking threads, and one may be stuck (a file provider read of a FIFO or a slow
+    // mount, a getaddrinfo waiting on an unreachable resolver); the process exit ends them.
+    rt.shutdown_background();
+    code
 }
 
 #[cfg(unix)]

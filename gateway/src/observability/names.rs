@@ -74,14 +74,14 @@ defs! {
     /// Router failures by reason.
     ROUTER_FAILURES = "tagway_router_failures_total", Counter, ["router", "reason"], "Connections the router matched that went nowhere, by reason (ip_allow_list, in_flight_limit, no_healthy_server, dial_failed)";
     /// Router bytes.
-    ROUTER_BYTES = "tagway_router_bytes_total", Counter, ["router", "direction"], "Bytes proxied through the router (direction: to_server, to_client), counted when a connection closes";
+    ROUTER_BYTES = "tagway_router_bytes_total", Counter, ["router", "direction"], "Bytes proxied through the router (direction: to_server, to_client), counted while connections are open";
 
     /// Service open connections.
     SERVICE_OPEN = "tagway_service_open_connections", Gauge, ["service"], "Connections open now to the service's servers";
     /// Service connections.
     SERVICE_CONNECTIONS = "tagway_service_connections_total", Counter, ["service"], "Connections proxied to the service's servers";
     /// Service bytes.
-    SERVICE_BYTES = "tagway_service_bytes_total", Counter, ["service", "direction"], "Bytes proxied (direction: to_server = received from clients, to_client = sent to clients), counted when a connection closes";
+    SERVICE_BYTES = "tagway_service_bytes_total", Counter, ["service", "direction"], "Bytes proxied (direction: to_server = received from clients, to_client = sent to clients), counted while connections are open";
     /// Service connection durations.
     SERVICE_DURATION = "tagway_service_connection_duration_seconds", Histogram, ["service"], "Duration of proxied connections, accept to close";
 
