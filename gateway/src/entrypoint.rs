@@ -107,6 +107,10 @@ fn socket(addr: SocketAddr) -> io::Result<Socket> {
         sock.set_only_v6(false)?;
     }
     sock.set_nonblocking(true)?;
+    // Linux copies TCP_NODELAY from the listener to every accepted socket: set once here
+    // instead of once per connection.
+    #[cfg(target_os = "linux")]
+    sock.set_tcp_nodelay(true)?;
     Ok(sock)
 }
 
@@ -328,6 +332,7 @@ pub async fn accept_loop<F, Fut>(
         };
         backoff = Duration::from_millis(5);
         EntryPointCounters::inc(&counters.accepted);
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let fut = handle(stream, peer);
         conns.spawn(async move {
@@ -419,7 +424,10 @@ mod tests {
         let l = TcpListener::from_std(bind("ep", ":0", 1).unwrap().remove(0)).unwrap();
         let port = l.local_addr().unwrap().port();
         let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let (_s, peer) = l.accept().await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        // Accepted sockets inherit TCP_NODELAY from the listener (Linux) or get it per accept.
+        #[cfg(target_os = "linux")]
+        assert!(s.nodelay().unwrap(), "accepted socket without TCP_NODELAY");
         assert_eq!(
             crate::middleware::canonical_ip(peer.ip()),
             c.local_addr().unwrap().ip()
