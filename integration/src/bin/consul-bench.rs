@@ -17,9 +17,12 @@
 //! * **tag change**: the service's rule moves to another client address → that address is routed.
 //!
 //! ```text
-//! cargo build --release -p tagway -p tagway-integration
+//! cargo build --release -p tagway -p tagway-integration --bin tagway --bin consul-bench
 //! target/release/consul-bench --services 1000,10000 --tagway target/release/tagway
 //! ```
+//!
+//! It prints the load average next to each size (numbers from a busy machine are not release
+//! numbers) and, at 10,000 services, whether each target of the issue is met.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
