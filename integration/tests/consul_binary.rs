@@ -166,3 +166,49 @@ async fn consul_down_at_start_serves_file_routes_then_consul_routes() -> Result<
     until_answer(gw.addr("file"), "from-file", &gw).await?;
     Ok(())
 }
+
+/// `/ready` answering 200 means Consul's routes are live: the first connection made right after
+/// the first 200 reaches the backend (no retry). A few gateways in a row, `/ready` polled without
+/// pause, so a gap between "ready" and "routes applied" would be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_means_the_consul_routes_are_live() -> Result<()> {
+    const ROUNDS: usize = 3;
+    let catalog = DevCatalog::builder().start("127.0.0.1:0").await?;
+    let backend = named_backend("pg-ready").await?;
+    catalog.register(
+        ServiceRegistration::new("pg")
+            .id("pg-1")
+            .address("127.0.0.1")
+            .port(backend.port())
+            .tags(pg_tags())
+            .check(CheckDefinition::static_status(CheckStatus::Passing).id("pg-1-check")),
+    )?;
+    for round in 0..ROUNDS {
+        let admin = free_port()?;
+        let st = format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
+             [providers.consulCatalog]\nexposedByDefault = false\n\
+             [providers.consulCatalog.endpoint]\naddress = \"{}\"\nendpointWaitTime = \"2s\"\n",
+            catalog.addr()
+        );
+        let gw = Gateway::start(&["tcp"], &st, "")?;
+        let admin: SocketAddr = format!("127.0.0.1:{admin}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http_status(admin, "/ready").await.unwrap_or(0) != 200 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "round {round}: never ready; log:\n{}",
+                gw.log_text()
+            );
+            tokio::task::yield_now().await;
+        }
+        let got = exchange(gw.addr("tcp"), None, b"").await?;
+        anyhow::ensure!(
+            got == b"pg-ready",
+            "round {round}: /ready said 200 but the Consul route answered {:?}; log:\n{}",
+            String::from_utf8_lossy(&got),
+            gw.log_text()
+        );
+    }
+    Ok(())
+}

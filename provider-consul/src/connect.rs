@@ -202,7 +202,7 @@ pub async fn run(
     tokio::join!(roots_loop, leaf_loop);
 }
 
-async fn watch_one<T: serde::de::DeserializeOwned>(
+async fn watch_one<T: serde::de::DeserializeOwned + Send + 'static>(
     client: &ConsulClient,
     timing: &Arc<WatchTiming>,
     segments: &[&str],

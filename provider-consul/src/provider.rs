@@ -113,7 +113,9 @@ pub enum Mode {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Status {
     /// The catalog and every relevant service have been read at least once. Stays true
-    /// afterwards. (Connect services also need the identity: see `connect_pending`.)
+    /// afterwards. The configuration channel ([`Running::config`]) already carries the synced
+    /// configuration when this turns true. (Connect services also need the identity: see
+    /// `connect_pending`.)
     pub synced: bool,
     /// The last catalog query succeeded.
     pub reachable: bool,
@@ -992,8 +994,10 @@ impl Coordinator {
             self.synced = true;
             self.status.synced = true;
             tracing::info!(services = self.watched.len(), "Consul catalog synced");
-            // Publish now even if nothing changed (an empty catalog is a valid state).
-            self.dirty_since = Some(Instant::now());
+            // Publish the synced configuration now (even if nothing changed: an empty catalog
+            // is a valid state), and only then say `synced`: a consumer that sees the status
+            // and reads the configuration must get this one, not the placeholder.
+            self.publish();
             self.push_status();
         }
     }
@@ -1887,6 +1891,51 @@ mod tests {
         );
         let n = servers(&rx.borrow_and_update(), "web").len();
         assert!(n >= 5, "one publication carried (most of) the burst: {n}");
+    }
+
+    /// A consumer that sees `synced` and reads the configuration right away (as the gateway's
+    /// `/ready` does) gets the synced configuration, never the empty placeholder. The observer
+    /// spins on another thread so it looks in the gap between the two channels, if there is one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn synced_status_is_never_ahead_of_the_configuration() {
+        const ROUNDS: usize = 20;
+        let consul = FakeConsul::start().await;
+        consul.register("web", Instance::new("w1", 8001, &[R]));
+        consul.register(
+            "db",
+            Instance::new("d1", 8002, &["traefik.tcp.routers.db.rule=HostSNI(`*`)"]),
+        );
+        for round in 0..ROUNDS {
+            let (running, stop) = start(&cfg(&consul), options());
+            let status = running.status();
+            let config = running.config();
+            let seen = tokio::task::spawn_blocking(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    if status.borrow().synced {
+                        return Some(config.borrow().clone());
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return None;
+                    }
+                    std::hint::spin_loop();
+                }
+            })
+            .await
+            .unwrap();
+            let seen = seen.unwrap_or_else(|| panic!("round {round}: never synced"));
+            assert_eq!(
+                servers(&seen, "web"),
+                ["127.0.0.1:8001"],
+                "round {round}: status said synced while the configuration was {:?}",
+                seen.tcp
+            );
+            assert_eq!(servers(&seen, "db"), ["127.0.0.1:8002"], "round {round}");
+            stop.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), running.stopped())
+                .await
+                .unwrap();
+        }
     }
 
     #[tokio::test]

@@ -182,7 +182,11 @@ impl Blocking {
 
     /// Runs one query: blocking on the current index when `block` is true (and an index is
     /// known), else returning at once. `Ok(None)` = unchanged. On error the watch backs off.
-    pub async fn query<T: DeserializeOwned>(
+    ///
+    /// Answers of at least [`OFF_THREAD_DECODE`] bytes (the catalog, the census of every check
+    /// at 10,000 services) are decoded on tokio's blocking pool, so the runtime thread that
+    /// publishes configurations and serves connections is not held up for tens of milliseconds.
+    pub async fn query<T: DeserializeOwned + Send + 'static>(
         &mut self,
         client: &ConsulClient,
         segments: &[&str],
@@ -216,11 +220,21 @@ impl Blocking {
             if changed == Observed::Unchanged {
                 return Ok((None, meta));
             }
-            let value =
-                serde_json::from_slice::<T>(&body).map_err(|source| ClientError::Decode {
-                    endpoint: endpoint(),
-                    source,
-                })?;
+            let decoded = if body.len() >= OFF_THREAD_DECODE {
+                match tokio::task::spawn_blocking(move || serde_json::from_slice::<T>(&body)).await
+                {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Cancelled: the runtime is shutting down, and this watch with it.
+                    Err(_) => std::future::pending().await,
+                }
+            } else {
+                serde_json::from_slice::<T>(&body)
+            };
+            let value = decoded.map_err(|source| ClientError::Decode {
+                endpoint: endpoint(),
+                source,
+            })?;
             Ok((Some(value), meta))
         }
         .await;
@@ -236,6 +250,9 @@ impl Blocking {
         }
     }
 }
+
+/// Answers at least this large are decoded off the runtime thread (see [`Blocking::query`]).
+pub const OFF_THREAD_DECODE: usize = 256 * 1024;
 
 /// Whether an answer with `meta` is new relative to `index`.
 fn classify(index: u64, meta: QueryMeta) -> Observed {
@@ -345,6 +362,46 @@ mod tests {
         let t0 = Instant::now();
         b.pace().await;
         assert_eq!(Instant::now(), t0, "a success resets the backoff");
+    }
+
+    /// A catalog answer above the off-thread threshold decodes the same (and a broken one
+    /// still names the endpoint), from a single-threaded runtime like the gateway's.
+    #[tokio::test]
+    async fn large_answers_are_decoded_off_the_runtime_thread() {
+        let services: serde_json::Map<String, serde_json::Value> = (0..10_000)
+            .map(|i| {
+                let tags = vec![format!("traefik.tcp.routers.r{i}.rule=HostSNI(`*`)")];
+                (format!("svc-{i:05}"), serde_json::json!(tags))
+            })
+            .collect();
+        let body = serde_json::Value::Object(services).to_string();
+        assert!(body.len() >= OFF_THREAD_DECODE, "{}", body.len());
+        let broken = format!("{}garbage", &body[..body.len() - 1]);
+        let answers = Arc::new(Mutex::new(vec![(7, body), (8, broken)]));
+        let stub = Stub::start(move |_| {
+            let (i, b) = answers.lock().unwrap().remove(0);
+            Reply::json(200, &b).with_index(i)
+        })
+        .await;
+        let c = client(&stub);
+        let mut b = Blocking::new(timing());
+        let segs = ["v1", "catalog", "services"];
+        let got = b
+            .query::<crate::api::CatalogServices>(&c, &segs, None, false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), 10_000);
+        assert_eq!(
+            got["svc-04242"],
+            ["traefik.tcp.routers.r4242.rule=HostSNI(`*`)"]
+        );
+        let err = b
+            .query::<crate::api::CatalogServices>(&c, &segs, None, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Decode { .. }), "{err}");
+        assert!(err.to_string().contains("/v1/catalog/services"), "{err}");
     }
 
     #[tokio::test]

@@ -19,12 +19,16 @@ use crate::observability::Observability;
 use crate::providers::file::{self, FileProviderHandle};
 
 /// Initialises logging from `log.level` and `log.format`; `RUST_LOG`, when set, overrides the
-/// level. Calling it twice is harmless.
+/// level. Text logs are coloured only when stderr is a terminal and `NO_COLOR` is unset or
+/// empty (<https://no-color.org>). Calling it twice is harmless.
 pub fn init_tracing(st: &StaticConfig) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(normalise_level(&st.log.level)));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(!no_color && std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match st.log.format {
         LogFormat::Json => builder.json().try_init(),

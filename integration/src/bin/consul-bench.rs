@@ -17,9 +17,12 @@
 //! * **tag change**: the service's rule moves to another client address → that address is routed.
 //!
 //! ```text
-//! cargo build --release -p tagway -p tagway-integration
+//! cargo build --release -p tagway -p tagway-integration --bin tagway --bin consul-bench
 //! target/release/consul-bench --services 1000,10000 --tagway target/release/tagway
 //! ```
+//!
+//! It prints the load average next to each size (numbers from a busy machine are not release
+//! numbers) and, at 10,000 services, whether each target of the issue is met.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -282,6 +285,10 @@ async fn bench(args: Args) -> Result<()> {
 
 async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
     let m = args.instances;
+    println!(
+        "\n{n} services: load average (1 5 15 min) at the start: {}",
+        load_average()
+    );
     let catalog = DevCatalog::builder()
         .without_consul_service()
         .start("127.0.0.1:0")
@@ -313,7 +320,8 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
         )?;
     }
 
-    let dir = tempfile_dir()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
     let gw_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
@@ -460,18 +468,54 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
     );
     let final_rss = proc.status("VmRSS:");
     println!("RSS at the end: {} MiB", final_rss / 1024);
+    println!("load average (1 5 15 min) at the end: {}", load_average());
+    if n >= 10_000 {
+        println!("\n| issue target at {n} services | measured | target | |");
+        println!("|---|---|---|---|");
+        let p99 = pct(&mut all, 0.99);
+        verdict(
+            "change → live route p99",
+            ms(p99),
+            "≤ 100 ms",
+            p99 <= Duration::from_millis(100),
+        );
+        verdict(
+            "initial sync",
+            ms(sync),
+            "≤ 5 s",
+            sync <= Duration::from_secs(5),
+        );
+        let peak = rss.max(final_rss) / 1024;
+        verdict(
+            "gateway RSS (max seen)",
+            format!("{peak} MiB"),
+            "≤ 100 MiB",
+            peak <= 100,
+        );
+        verdict(
+            "idle CPU",
+            format!("{:.1} %", 100.0 * idle_cpu / args.idle as f64),
+            "no burn",
+            idle_cpu / (args.idle as f64) < 0.01,
+        );
+    }
     drop(proc);
     catalog.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
     Ok(())
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "consul-bench-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// The machine's load average (1, 5, 15 minutes), as `/proc/loadavg` gives it: the numbers are
+/// only comparable between runs on an equally quiet machine.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// One line per issue target: the measured value and whether it is met.
+fn verdict(what: &str, measured: String, target: &str, met: bool) {
+    let v = if met { "met" } else { "MISSED" };
+    println!("| {what} | {measured} | {target} | {v} |");
 }
