@@ -298,14 +298,12 @@ pub async fn accept_loop<F, Fut>(
         }
         let permit = match &sem {
             None => None,
-            Some(s) => loop {
-                tokio::select! {
-                    p = s.clone().acquire_owned() => match p {
-                        Ok(p) => break Some(p),
-                        Err(_) => break 'accept,
-                    },
-                    _ = stop.changed() => break 'accept,
-                }
+            Some(s) => tokio::select! {
+                p = s.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => break 'accept,
+                },
+                _ = stop.changed() => break 'accept,
             },
         };
         let (stream, peer) = loop {

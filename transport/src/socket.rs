@@ -15,6 +15,26 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Unanswered probes before the kernel drops the connection (Go's default, which Traefik uses).
 pub const KEEP_ALIVE_PROBES: u32 = 9;
 
+/// False when the kernel's default probe count (`net.ipv4.tcp_keepalive_probes`, read once) is
+/// already [`KEEP_ALIVE_PROBES`]: setting TCP_KEEPCNT would change nothing and costs a syscall per
+/// dial.
+fn system_probes_differ() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        static DIFFER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DIFFER.get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_probes")
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                != Some(KEEP_ALIVE_PROBES)
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        true
+    }
+}
+
 /// The options set on every backend socket before it connects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketOptions {
@@ -73,7 +93,11 @@ impl SocketOptions {
                     target_os = "freebsd",
                     target_os = "netbsd"
                 ))]
-                let params = params.with_retries(KEEP_ALIVE_PROBES);
+                let params = if system_probes_differ() {
+                    params.with_retries(KEEP_ALIVE_PROBES)
+                } else {
+                    params
+                };
                 socket.set_tcp_keepalive(&params)?;
             }
             None if fresh => {}
