@@ -252,24 +252,68 @@ impl V<'_> {
     }
 
     fn is_broken(&self, kind: ResourceKind, name: &str) -> bool {
-        self.broken.contains(&(kind, name.to_owned()))
+        !self.broken.is_empty() && self.broken.contains(&(kind, name.to_owned()))
     }
 }
 
 /// Validates a merged configuration against the static configuration (entry points).
 pub fn validate(merged: &Dynamic, st: &StaticConfig) -> Validated {
+    validate_owned(merged.clone(), st)
+}
+
+/// Like [`validate`], taking the merged configuration by value: the broken resources are removed
+/// from it in place instead of from a copy (what a gateway applying a large catalog wants).
+pub fn validate_owned(merged: Dynamic, st: &StaticConfig) -> Validated {
     validate_impl(merged, Some(st))
 }
 
 /// Validates a merged configuration without a static configuration: everything but the
 /// existence of entry points (`tagway tags` uses it).
 pub fn validate_without_static(merged: &Dynamic) -> Validated {
-    validate_impl(merged, None)
+    validate_impl(merged.clone(), None)
 }
 
-fn validate_impl(merged: &Dynamic, st: Option<&StaticConfig>) -> Validated {
+fn validate_impl(mut config: Dynamic, st: Option<&StaticConfig>) -> Validated {
+    let (errors, broken) = check_all(&config, st);
+    if broken.is_empty() {
+        return Validated { config, errors };
+    }
+    let is_broken = |kind: ResourceKind, name: &str| broken.contains(&(kind, name.to_owned()));
+    config
+        .tcp
+        .routers
+        .retain(|n, _| !is_broken(ResourceKind::Router, n));
+    config
+        .tcp
+        .services
+        .retain(|n, _| !is_broken(ResourceKind::Service, n));
+    config
+        .tcp
+        .middlewares
+        .retain(|n, _| !is_broken(ResourceKind::Middleware, n));
+    config
+        .tcp
+        .servers_transports
+        .retain(|n, _| !is_broken(ResourceKind::ServersTransport, n));
+    config
+        .tls
+        .options
+        .retain(|n, _| !is_broken(ResourceKind::TlsOptions, n));
+    let mut i = 0;
+    config.tls.certificates.retain(|_| {
+        let keep = !is_broken(ResourceKind::TlsCertificate, &i.to_string());
+        i += 1;
+        keep
+    });
+    Validated { config, errors }
+}
+
+/// The errors of `d` and the resources they break.
+fn check_all(
+    d: &Dynamic,
+    st: Option<&StaticConfig>,
+) -> (Vec<ResourceError>, BTreeSet<(ResourceKind, String)>) {
     use ResourceKind::*;
-    let d = merged;
     let mut v = V {
         d,
         errors: Vec::new(),
@@ -572,31 +616,7 @@ fn validate_impl(merged: &Dynamic, st: Option<&StaticConfig>) -> Validated {
         }
     }
 
-    let mut config = d.clone();
-    config.tcp.routers.retain(|n, _| !v.is_broken(Router, n));
-    config.tcp.services.retain(|n, _| !v.is_broken(Service, n));
-    config
-        .tcp
-        .middlewares
-        .retain(|n, _| !v.is_broken(Middleware, n));
-    config
-        .tcp
-        .servers_transports
-        .retain(|n, _| !v.is_broken(ServersTransport, n));
-    config
-        .tls
-        .options
-        .retain(|n, _| !v.is_broken(TlsOptions, n));
-    let mut i = 0;
-    config.tls.certificates.retain(|_| {
-        let keep = !v.is_broken(TlsCertificate, &i.to_string());
-        i += 1;
-        keep
-    });
-    Validated {
-        config,
-        errors: v.errors,
-    }
+    (v.errors, v.broken)
 }
 
 fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {
