@@ -38,6 +38,26 @@ pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
     for (provider, d) in parts {
         let q = |n: &str| format!("{n}@{provider}");
         let mut meta = d.meta.clone();
+        // `tcp.routers.<name>…` → `tcp.routers.<name>@<provider>…` (same for the other tcp
+        // sections), for the names the provider declares; the shortest declared name wins.
+        let sections: [(&str, &dyn Fn(&str) -> bool); 4] = [
+            ("tcp.routers.", &|n| d.tcp.routers.contains_key(n)),
+            ("tcp.services.", &|n| d.tcp.services.contains_key(n)),
+            ("tcp.middlewares.", &|n| d.tcp.middlewares.contains_key(n)),
+            ("tcp.serversTransports.", &|n| {
+                d.tcp.servers_transports.contains_key(n)
+            }),
+        ];
+        meta.rename_keys(|k| {
+            let (sec, rest, declared) = sections
+                .iter()
+                .find_map(|(sec, has)| k.strip_prefix(sec).map(|r| (sec, r, has)))?;
+            rest.match_indices(['.', '['])
+                .map(|(i, _)| i)
+                .chain(std::iter::once(rest.len()))
+                .find(|&i| declared(&rest[..i]))
+                .map(|i| format!("{sec}{}@{provider}{}", &rest[..i], &rest[i..]))
+        });
         for (name, r) in &d.tcp.routers {
             let mut r = r.clone();
             if !r.service.is_empty() {
@@ -50,10 +70,6 @@ pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
             {
                 *o = qualify(o, provider);
             }
-            meta.rename_prefix(
-                &format!("tcp.routers.{name}"),
-                &format!("tcp.routers.{}", q(name)),
-            );
             out.tcp.routers.insert(q(name), r);
         }
         for (name, s) in &d.tcp.services {
@@ -70,24 +86,12 @@ pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
                     }
                 }
             }
-            meta.rename_prefix(
-                &format!("tcp.services.{name}"),
-                &format!("tcp.services.{}", q(name)),
-            );
             out.tcp.services.insert(q(name), s);
         }
         for (name, m) in &d.tcp.middlewares {
-            meta.rename_prefix(
-                &format!("tcp.middlewares.{name}"),
-                &format!("tcp.middlewares.{}", q(name)),
-            );
             out.tcp.middlewares.insert(q(name), m.clone());
         }
         for (name, t) in &d.tcp.servers_transports {
-            meta.rename_prefix(
-                &format!("tcp.serversTransports.{name}"),
-                &format!("tcp.serversTransports.{}", q(name)),
-            );
             out.tcp.servers_transports.insert(q(name), t.clone());
         }
         let offset = out.tls.certificates.len();
