@@ -46,7 +46,8 @@ pub struct Tables {
     pub routers: HashMap<String, Arc<Route>>,
     /// Middlewares by name (the ones that compiled).
     pub middlewares: HashMap<String, Arc<Middleware>>,
-    servers: HashMap<(String, String), Arc<ServerState>>,
+    /// Per service, its `((service, address), state)`: shared as a whole by a reused service.
+    servers: HashMap<String, ServerList>,
     transports: Option<Transports>,
     health: HealthChecks,
     /// The configuration these tables were compiled from (set by [`compile_shared`]): the next
@@ -57,7 +58,18 @@ pub struct Tables {
 impl Tables {
     /// Servers by (service, address), for metrics and tests.
     pub fn servers(&self) -> impl Iterator<Item = (&(String, String), &Arc<ServerState>)> {
-        self.servers.iter()
+        self.servers
+            .values()
+            .flat_map(|l| l.iter().map(|(k, s)| (k, s)))
+    }
+
+    /// The state of `address` in `service`, if that server is in these tables.
+    pub fn server(&self, service: &str, address: &str) -> Option<&Arc<ServerState>> {
+        self.servers
+            .get(service)?
+            .iter()
+            .find(|((_, a), _)| a == address)
+            .map(|(_, s)| s)
     }
 
     /// Number of running health-check loops.
@@ -66,12 +78,15 @@ impl Tables {
     }
 }
 
+/// The servers of one service, keyed `(service, address)` (each address once).
+type ServerList = Arc<Vec<((String, String), Arc<ServerState>)>>;
+
 struct Ctx<'a> {
     dynamic: &'a Dynamic,
     prev: Option<&'a Tables>,
     transports: Option<Transports>,
     services: HashMap<String, Result<Arc<Balancer>, String>>,
-    servers: HashMap<(String, String), Arc<ServerState>>,
+    servers: HashMap<String, ServerList>,
     health: HealthChecks,
     errors: Vec<CompileError>,
 }
@@ -124,11 +139,8 @@ impl Ctx<'_> {
             && let Some(old) = self.reusable_service(name, svc)
             && let Some(prev) = self.prev
         {
-            for s in svc.load_balancer.iter().flat_map(|lb| &lb.servers) {
-                let key = (name.to_owned(), s.address.clone());
-                if let Some(state) = prev.servers.get(&key) {
-                    self.servers.insert(key, state.clone());
-                }
+            if let Some(list) = prev.servers.get(name) {
+                self.servers.insert(name.to_owned(), list.clone());
             }
             self.services.insert(name.to_owned(), Ok(old.clone()));
             return Ok(old);
@@ -196,22 +208,32 @@ impl Ctx<'_> {
             Some(ms) => Some(Duration::from_millis(ms as u64)),
             None => transport.termination_delay(),
         };
+        let prev_servers: HashMap<&str, &Arc<ServerState>> = self
+            .prev
+            .and_then(|p| p.servers.get(name))
+            .map(|l| l.iter().map(|((_, a), s)| (a.as_str(), s)).collect())
+            .unwrap_or_default();
         let mut servers = Vec::new();
+        let mut listed: Vec<((String, String), Arc<ServerState>)> = Vec::new();
+        let mut seen = HashSet::new();
         for s in &lb.servers {
             if s.address.is_empty() {
                 return Err("a server has no address".into());
             }
             let w = weight(s.weight());
-            let key = (name.to_owned(), s.address.clone());
-            let state = self
-                .prev
-                .and_then(|p| p.servers.get(&key))
+            let state = prev_servers
+                .get(s.address.as_str())
                 .filter(|old| old.weight == w && old.tls == s.tls)
-                .cloned()
+                .map(|old| Arc::clone(old))
                 .unwrap_or_else(|| Arc::new(ServerState::new(s.address.clone(), w, s.tls)));
-            self.servers.insert(key, state.clone());
+            // The last declaration of an address wins (as a map insert would).
+            if !seen.insert(s.address.as_str()) {
+                listed.retain(|((_, a), _)| a != &s.address);
+            }
+            listed.push(((name.to_owned(), s.address.clone()), state.clone()));
             servers.push(state);
         }
+        self.servers.insert(name.to_owned(), Arc::new(listed));
         if let Some(hc) = &lb.health_check {
             self.health.spawn(
                 name,
@@ -698,7 +720,10 @@ mod tests {
             ]
         );
         let key = ("b@c".to_owned(), "127.0.0.1:2".to_owned());
-        assert!(Arc::ptr_eq(&t1.servers[&key], &t2.servers[&key]));
+        assert!(Arc::ptr_eq(
+            t1.server(&key.0, &key.1).unwrap(),
+            t2.server(&key.0, &key.1).unwrap()
+        ));
         // Both routers are in the entry point's table.
         assert_eq!(t2.entry_points["tcp"].routes().count(), 2);
 
@@ -750,6 +775,9 @@ mod tests {
         assert_eq!(t2.health_checks(), 1);
         assert!(!Arc::ptr_eq(&t1.services["h@c"], &t2.services["h@c"]));
         let key = ("h@c".to_owned(), "127.0.0.1:1".to_owned());
-        assert!(Arc::ptr_eq(&t1.servers[&key], &t2.servers[&key]));
+        assert!(Arc::ptr_eq(
+            t1.server(&key.0, &key.1).unwrap(),
+            t2.server(&key.0, &key.1).unwrap()
+        ));
     }
 }
