@@ -29,6 +29,9 @@ pub fn qualify(name: &str, provider: &str) -> String {
     }
 }
 
+/// Whether a provider declares a resource name (of one section).
+type Declared<'a> = dyn Fn(&str) -> bool + 'a;
+
 /// Merges the outputs of several providers: every resource name becomes `name@provider`;
 /// unqualified references inside a provider's resources are qualified with that provider;
 /// qualified ones (`x@file`, `default@internal`) are kept. TLS certificates are concatenated;
@@ -40,7 +43,7 @@ pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
         let mut meta = d.meta.clone();
         // `tcp.routers.<name>…` → `tcp.routers.<name>@<provider>…` (same for the other tcp
         // sections), for the names the provider declares; the shortest declared name wins.
-        let sections: [(&str, &dyn Fn(&str) -> bool); 4] = [
+        let sections: [(&str, &Declared<'_>); 4] = [
             ("tcp.routers.", &|n| d.tcp.routers.contains_key(n)),
             ("tcp.services.", &|n| d.tcp.services.contains_key(n)),
             ("tcp.middlewares.", &|n| d.tcp.middlewares.contains_key(n)),
