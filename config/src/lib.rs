@@ -37,5 +37,5 @@ pub use static_config::*;
 pub use tls::{ClientCertificate, FileOrContent};
 pub use validate::{
     DEFAULT_TRANSPORT, ResourceError, ResourceKind, Validated, by_resource, merge, provider_of,
-    qualify, summary, validate, validate_without_static,
+    qualify, summary, validate, validate_owned, validate_without_static,
 };

@@ -88,6 +88,19 @@ impl Meta {
         }
     }
 
+    /// Renames every record whose key `rename` maps to a new key, in one pass (renaming resource
+    /// by resource with [`Meta::rename_prefix`] costs a tree walk per resource).
+    pub(crate) fn rename_keys(&mut self, mut rename: impl FnMut(&str) -> Option<String>) {
+        let old = std::mem::take(&mut self.origins);
+        self.origins = old
+            .into_iter()
+            .map(|(k, v)| match rename(&k) {
+                Some(n) => (n, v),
+                None => (k, v),
+            })
+            .collect();
+    }
+
     pub(crate) fn set_origins(&mut self, origins: BTreeMap<String, Origin>) {
         self.origins = origins;
     }

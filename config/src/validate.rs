@@ -29,6 +29,9 @@ pub fn qualify(name: &str, provider: &str) -> String {
     }
 }
 
+/// Whether a provider declares a resource name (of one section).
+type Declared<'a> = dyn Fn(&str) -> bool + 'a;
+
 /// Merges the outputs of several providers: every resource name becomes `name@provider`;
 /// unqualified references inside a provider's resources are qualified with that provider;
 /// qualified ones (`x@file`, `default@internal`) are kept. TLS certificates are concatenated;
@@ -38,6 +41,26 @@ pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
     for (provider, d) in parts {
         let q = |n: &str| format!("{n}@{provider}");
         let mut meta = d.meta.clone();
+        // `tcp.routers.<name>…` → `tcp.routers.<name>@<provider>…` (same for the other tcp
+        // sections), for the names the provider declares; the shortest declared name wins.
+        let sections: [(&str, &Declared<'_>); 4] = [
+            ("tcp.routers.", &|n| d.tcp.routers.contains_key(n)),
+            ("tcp.services.", &|n| d.tcp.services.contains_key(n)),
+            ("tcp.middlewares.", &|n| d.tcp.middlewares.contains_key(n)),
+            ("tcp.serversTransports.", &|n| {
+                d.tcp.servers_transports.contains_key(n)
+            }),
+        ];
+        meta.rename_keys(|k| {
+            let (sec, rest, declared) = sections
+                .iter()
+                .find_map(|(sec, has)| k.strip_prefix(sec).map(|r| (sec, r, has)))?;
+            rest.match_indices(['.', '['])
+                .map(|(i, _)| i)
+                .chain(std::iter::once(rest.len()))
+                .find(|&i| declared(&rest[..i]))
+                .map(|i| format!("{sec}{}@{provider}{}", &rest[..i], &rest[i..]))
+        });
         for (name, r) in &d.tcp.routers {
             let mut r = r.clone();
             if !r.service.is_empty() {
@@ -50,10 +73,6 @@ pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
             {
                 *o = qualify(o, provider);
             }
-            meta.rename_prefix(
-                &format!("tcp.routers.{name}"),
-                &format!("tcp.routers.{}", q(name)),
-            );
             out.tcp.routers.insert(q(name), r);
         }
         for (name, s) in &d.tcp.services {
@@ -70,24 +89,12 @@ pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
                     }
                 }
             }
-            meta.rename_prefix(
-                &format!("tcp.services.{name}"),
-                &format!("tcp.services.{}", q(name)),
-            );
             out.tcp.services.insert(q(name), s);
         }
         for (name, m) in &d.tcp.middlewares {
-            meta.rename_prefix(
-                &format!("tcp.middlewares.{name}"),
-                &format!("tcp.middlewares.{}", q(name)),
-            );
             out.tcp.middlewares.insert(q(name), m.clone());
         }
         for (name, t) in &d.tcp.servers_transports {
-            meta.rename_prefix(
-                &format!("tcp.serversTransports.{name}"),
-                &format!("tcp.serversTransports.{}", q(name)),
-            );
             out.tcp.servers_transports.insert(q(name), t.clone());
         }
         let offset = out.tls.certificates.len();
@@ -252,24 +259,68 @@ impl V<'_> {
     }
 
     fn is_broken(&self, kind: ResourceKind, name: &str) -> bool {
-        self.broken.contains(&(kind, name.to_owned()))
+        !self.broken.is_empty() && self.broken.contains(&(kind, name.to_owned()))
     }
 }
 
 /// Validates a merged configuration against the static configuration (entry points).
 pub fn validate(merged: &Dynamic, st: &StaticConfig) -> Validated {
+    validate_owned(merged.clone(), st)
+}
+
+/// Like [`validate`], taking the merged configuration by value: the broken resources are removed
+/// from it in place instead of from a copy (what a gateway applying a large catalog wants).
+pub fn validate_owned(merged: Dynamic, st: &StaticConfig) -> Validated {
     validate_impl(merged, Some(st))
 }
 
 /// Validates a merged configuration without a static configuration: everything but the
 /// existence of entry points (`tagway tags` uses it).
 pub fn validate_without_static(merged: &Dynamic) -> Validated {
-    validate_impl(merged, None)
+    validate_impl(merged.clone(), None)
 }
 
-fn validate_impl(merged: &Dynamic, st: Option<&StaticConfig>) -> Validated {
+fn validate_impl(mut config: Dynamic, st: Option<&StaticConfig>) -> Validated {
+    let (errors, broken) = check_all(&config, st);
+    if broken.is_empty() {
+        return Validated { config, errors };
+    }
+    let is_broken = |kind: ResourceKind, name: &str| broken.contains(&(kind, name.to_owned()));
+    config
+        .tcp
+        .routers
+        .retain(|n, _| !is_broken(ResourceKind::Router, n));
+    config
+        .tcp
+        .services
+        .retain(|n, _| !is_broken(ResourceKind::Service, n));
+    config
+        .tcp
+        .middlewares
+        .retain(|n, _| !is_broken(ResourceKind::Middleware, n));
+    config
+        .tcp
+        .servers_transports
+        .retain(|n, _| !is_broken(ResourceKind::ServersTransport, n));
+    config
+        .tls
+        .options
+        .retain(|n, _| !is_broken(ResourceKind::TlsOptions, n));
+    let mut i = 0;
+    config.tls.certificates.retain(|_| {
+        let keep = !is_broken(ResourceKind::TlsCertificate, &i.to_string());
+        i += 1;
+        keep
+    });
+    Validated { config, errors }
+}
+
+/// The errors of `d` and the resources they break.
+fn check_all(
+    d: &Dynamic,
+    st: Option<&StaticConfig>,
+) -> (Vec<ResourceError>, BTreeSet<(ResourceKind, String)>) {
     use ResourceKind::*;
-    let d = merged;
     let mut v = V {
         d,
         errors: Vec::new(),
@@ -572,31 +623,7 @@ fn validate_impl(merged: &Dynamic, st: Option<&StaticConfig>) -> Validated {
         }
     }
 
-    let mut config = d.clone();
-    config.tcp.routers.retain(|n, _| !v.is_broken(Router, n));
-    config.tcp.services.retain(|n, _| !v.is_broken(Service, n));
-    config
-        .tcp
-        .middlewares
-        .retain(|n, _| !v.is_broken(Middleware, n));
-    config
-        .tcp
-        .servers_transports
-        .retain(|n, _| !v.is_broken(ServersTransport, n));
-    config
-        .tls
-        .options
-        .retain(|n, _| !v.is_broken(TlsOptions, n));
-    let mut i = 0;
-    config.tls.certificates.retain(|_| {
-        let keep = !v.is_broken(TlsCertificate, &i.to_string());
-        i += 1;
-        keep
-    });
-    Validated {
-        config,
-        errors: v.errors,
-    }
+    (v.errors, v.broken)
 }
 
 fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {

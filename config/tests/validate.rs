@@ -463,3 +463,27 @@ servers = [{ address = "127.0.0.1:9000" }]
     assert!(!v.config.tcp.routers.contains_key("term@file"));
     assert!(v.config.tcp.routers.contains_key("pass@file"));
 }
+
+#[test]
+fn merge_qualifies_origins_of_declared_names_only() {
+    use tagway_config::{Router, Service};
+    let mut d = Dynamic::default();
+    for n in ["a", "ab"] {
+        d.tcp.routers.insert(n.into(), Router::default());
+    }
+    d.tcp.services.insert("a".into(), Service::default());
+    d.meta.insert("tcp.routers.a.rule", Origin::tag("ra"));
+    d.meta.insert("tcp.routers.ab.rule", Origin::tag("rab"));
+    d.meta
+        .insert("tcp.routers.ab.middlewares[0]", Origin::tag("m"));
+    d.meta.insert("tcp.services.a", Origin::tag("sa"));
+    d.meta.insert("tcp.services.gone.x", Origin::tag("g"));
+    let merged = merge(&[("p", &d)]);
+    let tag = |k: &str| merged.meta.origin_exact(k).and_then(Origin::as_tag);
+    assert_eq!(tag("tcp.routers.a@p.rule"), Some("ra"));
+    assert_eq!(tag("tcp.routers.ab@p.rule"), Some("rab"));
+    assert_eq!(tag("tcp.routers.ab@p.middlewares[0]"), Some("m"));
+    assert_eq!(tag("tcp.services.a@p"), Some("sa"));
+    // Not a declared service: left as read.
+    assert_eq!(tag("tcp.services.gone.x"), Some("g"));
+}

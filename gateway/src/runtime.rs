@@ -46,15 +46,30 @@ pub struct Tables {
     pub routers: HashMap<String, Arc<Route>>,
     /// Middlewares by name (the ones that compiled).
     pub middlewares: HashMap<String, Arc<Middleware>>,
-    servers: HashMap<(String, String), Arc<ServerState>>,
+    /// Per service, its `((service, address), state)`: shared as a whole by a reused service.
+    servers: HashMap<String, ServerList>,
     transports: Option<Transports>,
     health: HealthChecks,
+    /// The configuration these tables were compiled from (set by [`compile_shared`]): the next
+    /// compile reuses the routers and services whose configuration is unchanged.
+    source: Option<Arc<Dynamic>>,
 }
 
 impl Tables {
     /// Servers by (service, address), for metrics and tests.
     pub fn servers(&self) -> impl Iterator<Item = (&(String, String), &Arc<ServerState>)> {
-        self.servers.iter()
+        self.servers
+            .values()
+            .flat_map(|l| l.iter().map(|(k, s)| (k, s)))
+    }
+
+    /// The state of `address` in `service`, if that server is in these tables.
+    pub fn server(&self, service: &str, address: &str) -> Option<&Arc<ServerState>> {
+        self.servers
+            .get(service)?
+            .iter()
+            .find(|((_, a), _)| a == address)
+            .map(|(_, s)| s)
     }
 
     /// Number of running health-check loops.
@@ -63,12 +78,15 @@ impl Tables {
     }
 }
 
+/// The servers of one service, keyed `(service, address)` (each address once).
+type ServerList = Arc<Vec<((String, String), Arc<ServerState>)>>;
+
 struct Ctx<'a> {
     dynamic: &'a Dynamic,
     prev: Option<&'a Tables>,
     transports: Option<Transports>,
     services: HashMap<String, Result<Arc<Balancer>, String>>,
-    servers: HashMap<(String, String), Arc<ServerState>>,
+    servers: HashMap<String, ServerList>,
     health: HealthChecks,
     errors: Vec<CompileError>,
 }
@@ -89,9 +107,43 @@ impl Ctx<'_> {
         })
     }
 
+    /// The previous generation's balancer of `name` when it can serve unchanged: a load
+    /// balancer without health check (health loops belong to a generation) whose configuration
+    /// and servers transport configuration are equal to the ones it was compiled from. Its
+    /// servers keep their state.
+    fn reusable_service(&self, name: &str, svc: &tagway_config::Service) -> Option<Arc<Balancer>> {
+        let prev = self.prev?;
+        let src = prev.source.as_deref()?;
+        let lb = svc.load_balancer.as_ref()?;
+        if svc.weighted.is_some() || lb.health_check.is_some() {
+            return None;
+        }
+        if src.tcp.services.get(name) != Some(svc) {
+            return None;
+        }
+        let tname = lb.servers_transport.as_deref().unwrap_or(DEFAULT_TRANSPORT);
+        if self.dynamic.tcp.servers_transports.get(tname) != src.tcp.servers_transports.get(tname)
+            || self.transport(tname).is_err()
+        {
+            return None;
+        }
+        // It compiled from this very configuration: its servers are all in `prev.servers`.
+        prev.services.get(name).cloned()
+    }
+
     fn service(&mut self, name: &str, stack: &mut Vec<String>) -> Result<Arc<Balancer>, String> {
         if let Some(s) = self.services.get(name) {
             return s.clone();
+        }
+        if let Some(svc) = self.dynamic.tcp.services.get(name)
+            && let Some(old) = self.reusable_service(name, svc)
+            && let Some(prev) = self.prev
+        {
+            if let Some(list) = prev.servers.get(name) {
+                self.servers.insert(name.to_owned(), list.clone());
+            }
+            self.services.insert(name.to_owned(), Ok(old.clone()));
+            return Ok(old);
         }
         if stack.iter().any(|s| s == name) {
             return Err(format!(
@@ -156,22 +208,32 @@ impl Ctx<'_> {
             Some(ms) => Some(Duration::from_millis(ms as u64)),
             None => transport.termination_delay(),
         };
+        let prev_servers: HashMap<&str, &Arc<ServerState>> = self
+            .prev
+            .and_then(|p| p.servers.get(name))
+            .map(|l| l.iter().map(|((_, a), s)| (a.as_str(), s)).collect())
+            .unwrap_or_default();
         let mut servers = Vec::new();
+        let mut listed: Vec<((String, String), Arc<ServerState>)> = Vec::new();
+        let mut seen = HashSet::new();
         for s in &lb.servers {
             if s.address.is_empty() {
                 return Err("a server has no address".into());
             }
             let w = weight(s.weight());
-            let key = (name.to_owned(), s.address.clone());
-            let state = self
-                .prev
-                .and_then(|p| p.servers.get(&key))
+            let state = prev_servers
+                .get(s.address.as_str())
                 .filter(|old| old.weight == w && old.tls == s.tls)
-                .cloned()
+                .map(|old| Arc::clone(old))
                 .unwrap_or_else(|| Arc::new(ServerState::new(s.address.clone(), w, s.tls)));
-            self.servers.insert(key, state.clone());
+            // The last declaration of an address wins (as a map insert would).
+            if !seen.insert(s.address.as_str()) {
+                listed.retain(|((_, a), _)| a != &s.address);
+            }
+            listed.push(((name.to_owned(), s.address.clone()), state.clone()));
             servers.push(state);
         }
+        self.servers.insert(name.to_owned(), Arc::new(listed));
         if let Some(hc) = &lb.health_check {
             self.health.spawn(
                 name,
@@ -204,6 +266,20 @@ impl Ctx<'_> {
 
 fn weight(w: i64) -> u32 {
     w.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// Like [`compile`], and the tables remember `dynamic`: the next compile given these tables as
+/// `prev` reuses (shares) every router and service whose configuration is unchanged instead of
+/// building it again.
+pub fn compile_shared(
+    dynamic: &Arc<Dynamic>,
+    static_cfg: &StaticConfig,
+    prev: Option<&Tables>,
+    identity: Option<&IdentitySource>,
+) -> (Tables, Vec<CompileError>) {
+    let (mut tables, errors) = compile(dynamic, static_cfg, prev, identity);
+    tables.source = Some(dynamic.clone());
+    (tables, errors)
 }
 
 /// Compiles `dynamic` for the entry points of `static_cfg`. `prev` (the tables in use) lets
@@ -257,6 +333,16 @@ pub fn compile(
     };
     let mut middlewares: HashMap<&str, Result<Arc<Middleware>, String>> = HashMap::new();
     for (name, m) in &dynamic.tcp.middlewares {
+        // Unchanged: the same object (an inFlightConn keeps counting the same connections).
+        let same = prev.and_then(|p| {
+            let src = p.source.as_deref()?;
+            (src.tcp.middlewares.get(name) == Some(m)).then_some(())?;
+            p.middlewares.get(name).cloned()
+        });
+        if let Some(old) = same {
+            middlewares.insert(name, Ok(old));
+            continue;
+        }
         let res = match (&m.ip_allow_list, &m.in_flight_conn) {
             (Some(l), None) => IpAllowList::new(&l.source_range)
                 .map(|l| Arc::new(Middleware::IpAllowList(l)))
@@ -367,6 +453,7 @@ pub fn compile(
         servers: cx.servers,
         transports: cx.transports,
         health: cx.health,
+        source: None,
     };
     (tables, cx.errors)
 }
@@ -378,6 +465,9 @@ fn compile_router(
     name: &str,
     r: &tagway_config::Router,
 ) -> Result<Arc<Route>, String> {
+    if let Some(old) = reusable_router(cx, middlewares, tls_configs, name, r) {
+        return Ok(old);
+    }
     let rule = tagway_config::rule::parse(&r.rule).map_err(|e| e.to_string())?;
     let tls = match &r.tls {
         None => TlsMode::None,
@@ -423,6 +513,43 @@ fn compile_router(
             .map(|r| r.counters.clone())
             .unwrap_or_default(),
     }))
+}
+
+/// The previous generation's route of `name` when its configuration is unchanged and everything
+/// it references (service, middlewares, TLS configuration) compiled to the same objects.
+fn reusable_router(
+    cx: &mut Ctx<'_>,
+    middlewares: &HashMap<&str, Result<Arc<Middleware>, String>>,
+    tls_configs: &crate::tls::TlsConfigs,
+    name: &str,
+    r: &tagway_config::Router,
+) -> Option<Arc<Route>> {
+    let prev = cx.prev?;
+    let src = prev.source.as_deref()?;
+    if src.tcp.routers.get(name) != Some(r) {
+        return None;
+    }
+    let old = prev.routers.get(name)?;
+    let tls_config = match (&r.tls, old.tls) {
+        (Some(t), TlsMode::Terminate) => Some(tls_configs.get(t.options.as_deref()).ok()?),
+        _ => None,
+    };
+    let same_tls = match (&tls_config, &old.tls_config) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    };
+    if !same_tls || r.middlewares.len() != old.middlewares.len() {
+        return None;
+    }
+    for (m, o) in r.middlewares.iter().zip(&old.middlewares) {
+        match middlewares.get(m.as_str()) {
+            Some(Ok(m)) if Arc::ptr_eq(m, o) => {}
+            _ => return None,
+        }
+    }
+    let service = cx.service(&r.service, &mut Vec::new()).ok()?;
+    Arc::ptr_eq(&service, &old.service).then(|| old.clone())
 }
 
 #[cfg(test)]
@@ -525,5 +652,132 @@ mod tests {
         let (t2, _) = compile(&d, &st(), Some(&t), None);
         let s2 = t2.servers().next().unwrap().1.clone();
         assert!(Arc::ptr_eq(&s1, &s2));
+    }
+
+    #[tokio::test]
+    async fn unchanged_resources_are_shared_across_compiles() {
+        use tagway_config::{InFlightConn as InFlightCfg, Middleware as MwCfg};
+        let mut d = Dynamic::default();
+        d.tcp.services.insert("a@c".into(), lb(&["127.0.0.1:1"]));
+        d.tcp
+            .services
+            .insert("b@c".into(), lb(&["127.0.0.1:2", "127.0.0.1:3"]));
+        d.tcp.middlewares.insert(
+            "limit@c".into(),
+            MwCfg {
+                in_flight_conn: Some(InFlightCfg { amount: 3 }),
+                ..Default::default()
+            },
+        );
+        for (r, svc) in [("ra@c", "a@c"), ("rb@c", "b@c")] {
+            d.tcp.routers.insert(
+                r.into(),
+                Router {
+                    rule: "HostSNI(`*`)".into(),
+                    service: svc.into(),
+                    middlewares: vec!["limit@c".into()],
+                    ..Default::default()
+                },
+            );
+        }
+        let d1 = Arc::new(d.clone());
+        let (t1, errs) = compile_shared(&d1, &st(), None, None);
+        assert!(errs.is_empty(), "{errs:?}");
+
+        // Only b changes (a server goes).
+        d.tcp.services.insert("b@c".into(), lb(&["127.0.0.1:2"]));
+        let d2 = Arc::new(d.clone());
+        let (t2, errs) = compile_shared(&d2, &st(), Some(&t1), None);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert!(Arc::ptr_eq(&t1.services["a@c"], &t2.services["a@c"]));
+        assert!(Arc::ptr_eq(&t1.routers["ra@c"], &t2.routers["ra@c"]));
+        assert!(Arc::ptr_eq(
+            &t1.middlewares["limit@c"],
+            &t2.middlewares["limit@c"]
+        ));
+        assert!(!Arc::ptr_eq(&t1.services["b@c"], &t2.services["b@c"]));
+        assert!(!Arc::ptr_eq(&t1.routers["rb@c"], &t2.routers["rb@c"]));
+        // The changed service keeps its counters and its surviving server's state; the removed
+        // server is gone, the reused service's servers are still listed.
+        assert!(Arc::ptr_eq(
+            &t1.services["b@c"].service.counters,
+            &t2.services["b@c"].service.counters
+        ));
+        assert!(Arc::ptr_eq(
+            &t1.routers["rb@c"].counters,
+            &t2.routers["rb@c"].counters
+        ));
+        let servers = |t: &Tables| {
+            let mut v: Vec<(String, String)> = t.servers().map(|(k, _)| k.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            servers(&t2),
+            vec![
+                ("a@c".to_owned(), "127.0.0.1:1".to_owned()),
+                ("b@c".to_owned(), "127.0.0.1:2".to_owned()),
+            ]
+        );
+        let key = ("b@c".to_owned(), "127.0.0.1:2".to_owned());
+        assert!(Arc::ptr_eq(
+            t1.server(&key.0, &key.1).unwrap(),
+            t2.server(&key.0, &key.1).unwrap()
+        ));
+        // Both routers are in the entry point's table.
+        assert_eq!(t2.entry_points["tcp"].routes().count(), 2);
+
+        // A changed middleware is rebuilt, and the routers using it with it.
+        d.tcp.middlewares.insert(
+            "limit@c".into(),
+            MwCfg {
+                in_flight_conn: Some(InFlightCfg { amount: 4 }),
+                ..Default::default()
+            },
+        );
+        let d3 = Arc::new(d.clone());
+        let (t3, errs) = compile_shared(&d3, &st(), Some(&t2), None);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert!(!Arc::ptr_eq(
+            &t2.middlewares["limit@c"],
+            &t3.middlewares["limit@c"]
+        ));
+        assert!(!Arc::ptr_eq(&t2.routers["ra@c"], &t3.routers["ra@c"]));
+        assert!(Arc::ptr_eq(&t2.services["a@c"], &t3.services["a@c"]));
+
+        // Tables compiled by plain `compile` do not remember their source: the compile after
+        // them shares nothing.
+        let (t4, _) = compile(&d3, &st(), Some(&t3), None);
+        assert!(Arc::ptr_eq(&t3.services["a@c"], &t4.services["a@c"]));
+        let (t5, _) = compile(&d3, &st(), Some(&t4), None);
+        assert!(!Arc::ptr_eq(&t4.services["a@c"], &t5.services["a@c"]));
+    }
+
+    #[tokio::test]
+    async fn services_with_health_checks_are_rebuilt() {
+        let mut svc = lb(&["127.0.0.1:1"]);
+        if let Some(lb) = &mut svc.load_balancer {
+            lb.health_check = Some(Default::default());
+        }
+        let mut d = Dynamic::default();
+        d.tcp.services.insert("h@c".into(), svc);
+        d.tcp.routers.insert(
+            "r@c".into(),
+            Router {
+                rule: "HostSNI(`*`)".into(),
+                service: "h@c".into(),
+                ..Default::default()
+            },
+        );
+        let d = Arc::new(d);
+        let (t1, _) = compile_shared(&d, &st(), None, None);
+        let (t2, _) = compile_shared(&d, &st(), Some(&t1), None);
+        assert_eq!(t2.health_checks(), 1);
+        assert!(!Arc::ptr_eq(&t1.services["h@c"], &t2.services["h@c"]));
+        let key = ("h@c".to_owned(), "127.0.0.1:1".to_owned());
+        assert!(Arc::ptr_eq(
+            t1.server(&key.0, &key.1).unwrap(),
+            t2.server(&key.0, &key.1).unwrap()
+        ));
     }
 }

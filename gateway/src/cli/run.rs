@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tagway_config::{Dynamic, LogFormat, StaticConfig, Validated, load_static, merge, validate};
+use tagway_config::{
+    Dynamic, LogFormat, StaticConfig, Validated, load_static, merge, validate_owned,
+};
 use tagway_provider_consul::ConsulProvider;
 use tagway_transport::{IdentitySource, SourceKind};
 use tokio::sync::{mpsc, watch};
@@ -70,7 +72,7 @@ impl Providers {
 
 /// Merges and validates provider outputs, logging each error and one summary line.
 pub fn apply(st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
-    let v = validate(&merge(parts), st);
+    let v = validate_owned(merge(parts), st);
     for e in &v.errors {
         tracing::error!("{e} (the resource is disabled)");
     }
