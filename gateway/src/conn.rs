@@ -182,9 +182,7 @@ pub async fn serve(
         Peeked::Plain
     };
     if ep.proxy_in.is_some() && !trusted && proxy_in::looks_like_header(&buf) && buf.len() >= 5 {
-        EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
-        tally.fail(Failure::ProxyProtocol);
-        tracing::debug!(entry_point = %ep.name, peer = %peer, "PROXY header from an untrusted address refused");
+        refuse_untrusted_header(&ep, &mut tally, peer);
         return;
     }
     let (sni, alpn, is_tls) = match &peeked {
@@ -257,9 +255,7 @@ pub async fn serve(
                 for c in sinks {
                     c.add_bytes(0, n);
                 }
-                EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
-                tally.fail(Failure::ProxyProtocol);
-                tracing::debug!(entry_point = %ep.name, peer = %peer, "PROXY header from an untrusted address refused");
+                refuse_untrusted_header(&ep, &mut tally, peer);
                 return;
             }
             Ok(First::Ended(n, outcome)) => {
@@ -291,8 +287,10 @@ pub async fn serve(
     }
     drop(buf);
     let mut meter = copy::Meter::new(&sinks);
-    for c in sinks {
-        c.add_bytes(initial, early_to_client);
+    if initial != 0 || early_to_client != 0 {
+        for c in sinks {
+            c.add_bytes(initial, early_to_client);
+        }
     }
     let (outcome, mut t) = match &mut backend {
         #[cfg(target_os = "linux")]
@@ -305,6 +303,14 @@ pub async fn serve(
     t.to_client += early_to_client;
     tally.finished(&pick, &t, &outcome);
     ended(&route, &pick, &outcome);
+}
+
+/// Counts and logs a PROXY header sent by a peer the entry point does not trust (the caller
+/// closes the connection).
+fn refuse_untrusted_header(ep: &EntryPointState, tally: &mut Tally<'_>, peer: SocketAddr) {
+    EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
+    tally.fail(Failure::ProxyProtocol);
+    tracing::debug!(entry_point = %ep.name, peer = %peer, "PROXY header from an untrusted address refused");
 }
 
 /// What the first bytes of an untrusted client were.

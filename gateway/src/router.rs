@@ -5,6 +5,7 @@
 //! ``HostSNI(`*`)`` catch-all takes any connection); a plaintext connection only the non-TLS
 //! routers. When an entry point has no TLS router it routes at once, without reading a byte.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -80,11 +81,73 @@ pub fn matches(rule: &Rule, c: &ConnInfo<'_>) -> bool {
     }
 }
 
+/// Routes in priority order, with an index by exact host name, built once per configuration so
+/// that a connection does not evaluate every router's rule: with thousands of
+/// ``HostSNI(`name`)`` routers on one entry point, a lookup costs one hash probe plus the routers
+/// whose rule cannot be indexed (regexps, ClientIP, ALPN, `*`, combinations).
+#[derive(Debug, Default)]
+struct Ordered {
+    routes: Vec<Arc<Route>>,
+    /// Lower-case host name (trailing dots trimmed) → positions of the routers whose rule is
+    /// exactly ``HostSNI(`…`)`` naming it, ascending.
+    by_name: HashMap<String, Vec<usize>>,
+    /// Positions of every other router, ascending.
+    other: Vec<usize>,
+}
+
+impl Ordered {
+    fn new(routes: Vec<Arc<Route>>) -> Self {
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut other = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            match &r.rule {
+                Rule::HostSni(names) if !names.is_empty() && names.iter().all(|n| n != "*") => {
+                    for n in names {
+                        let key = n.trim_end_matches('.').to_ascii_lowercase();
+                        let at = by_name.entry(key).or_default();
+                        // A name listed twice in one rule is indexed once.
+                        if at.last() != Some(&i) {
+                            at.push(i);
+                        }
+                    }
+                }
+                _ => other.push(i),
+            }
+        }
+        Ordered {
+            routes,
+            by_name,
+            other,
+        }
+    }
+
+    /// The first route (in priority order) whose rule matches.
+    fn find(&self, c: &ConnInfo<'_>) -> Option<&Arc<Route>> {
+        // An indexed rule matches exactly when its name list holds the SNI: the first position
+        // listed for the SNI is the best indexed match.
+        let indexed = c.sni.and_then(|sni| {
+            let hit = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.by_name.get(&sni.to_ascii_lowercase())
+            } else {
+                self.by_name.get(sni)
+            };
+            hit.and_then(|v| v.first().copied())
+        });
+        let bound = indexed.unwrap_or(usize::MAX);
+        self.other
+            .iter()
+            .take_while(|&&i| i < bound)
+            .find(|&&i| matches(&self.routes[i].rule, c))
+            .or(indexed.as_ref())
+            .map(|&i| &self.routes[i])
+    }
+}
+
 /// The routes of one entry point.
 #[derive(Debug, Default)]
 pub struct EntryTable {
-    tls_routes: Vec<Arc<Route>>,
-    plain_routes: Vec<Arc<Route>>,
+    tls_routes: Ordered,
+    plain_routes: Ordered,
 }
 
 impl EntryTable {
@@ -100,34 +163,33 @@ impl EntryTable {
         tls_routes.sort_by(order);
         plain_routes.sort_by(order);
         EntryTable {
-            tls_routes,
-            plain_routes,
+            tls_routes: Ordered::new(tls_routes),
+            plain_routes: Ordered::new(plain_routes),
         }
     }
 
     /// True when connections must be peeked (some router needs the ClientHello).
     pub fn needs_peek(&self) -> bool {
-        !self.tls_routes.is_empty()
+        !self.tls_routes.routes.is_empty()
     }
 
     /// True when there is no route at all.
     pub fn is_empty(&self) -> bool {
-        self.tls_routes.is_empty() && self.plain_routes.is_empty()
+        self.tls_routes.routes.is_empty() && self.plain_routes.routes.is_empty()
     }
 
     /// The route for a connection.
     pub fn route(&self, c: &ConnInfo<'_>) -> Option<&Arc<Route>> {
-        let tls = if c.tls {
-            self.tls_routes.iter().find(|r| matches(&r.rule, c))
-        } else {
-            None
-        };
-        tls.or_else(|| self.plain_routes.iter().find(|r| matches(&r.rule, c)))
+        let tls = if c.tls { self.tls_routes.find(c) } else { None };
+        tls.or_else(|| self.plain_routes.find(c))
     }
 
     /// Every route, TLS ones first.
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.tls_routes.iter().chain(self.plain_routes.iter())
+        self.tls_routes
+            .routes
+            .iter()
+            .chain(self.plain_routes.routes.iter())
     }
 }
 
@@ -211,6 +273,67 @@ mod tests {
             name(info(None, none, "192.0.2.1")).as_deref(),
             Some("catch")
         );
+    }
+
+    /// The index gives the same answer as evaluating every rule in priority order, for names
+    /// in and out of the index, case, trailing dots, priorities that interleave indexed and
+    /// non-indexed routers, and duplicates.
+    #[test]
+    fn indexed_lookup_agrees_with_a_linear_scan() {
+        let rules = [
+            ("a1", "HostSNI(`a.example`)", Some(5)),
+            ("a2", "HostSNI(`A.Example`, `b.example`)", Some(7)),
+            ("dup", "HostSNI(`c.example`, `c.example`)", None),
+            ("re", "HostSNIRegexp(`^[ab]\\.example$`)", Some(6)),
+            ("ip", "ClientIP(`10.0.0.0/8`)", Some(100)),
+            (
+                "and",
+                "HostSNI(`b.example`) && ClientIP(`192.0.2.0/24`)",
+                Some(8),
+            ),
+            ("not", "!HostSNI(`a.example`)", Some(1)),
+            ("alpn", "ALPN(`h2`)", Some(6)),
+            ("star", "HostSNI(`*`)", None),
+            ("late", "HostSNI(`a.example`)", Some(-3)),
+        ];
+        let routes: Vec<Arc<Route>> = rules
+            .iter()
+            .map(|(n, r, p)| route(n, r, TlsMode::Passthrough, *p))
+            .collect();
+        let t = EntryTable::new(routes.clone());
+        let mut sorted = routes;
+        sorted.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        let h2 = ["h2".to_string()];
+        let none: &[String] = &[];
+        let mut checked = 0;
+        for sni in [
+            Some("a.example"),
+            Some("A.EXAMPLE"),
+            Some("b.example"),
+            Some("c.example"),
+            Some("d.example"),
+            Some("a.example."),
+            None,
+        ] {
+            for alpn in [none, &h2[..]] {
+                for ip in ["10.1.2.3", "192.0.2.9", "::ffff:10.0.0.1", "2001:db8::1"] {
+                    let mut c = info(sni, alpn, ip);
+                    c.tls = true;
+                    let linear = sorted.iter().find(|r| matches(&r.rule, &c));
+                    assert_eq!(
+                        t.route(&c).map(|r| &r.name),
+                        linear.map(|r| &r.name),
+                        "sni {sni:?} alpn {alpn:?} ip {ip}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 56);
     }
 
     #[test]
