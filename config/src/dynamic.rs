@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
 use crate::meta::Meta;
+use crate::resources::Resources;
 use crate::tls::{ClientCertificate, FileOrContent};
 
 /// A whole dynamic configuration: one provider's output, or the merge of all providers.
@@ -33,17 +34,17 @@ pub struct Dynamic {
 #[serde(rename_all = "camelCase", default)]
 pub struct Tcp {
     /// `tcp.routers.<name>`.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub routers: BTreeMap<String, Router>,
+    #[serde(skip_serializing_if = "Resources::is_empty")]
+    pub routers: Resources<Router>,
     /// `tcp.services.<name>`.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub services: BTreeMap<String, Service>,
+    #[serde(skip_serializing_if = "Resources::is_empty")]
+    pub services: Resources<Service>,
     /// `tcp.middlewares.<name>`.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub middlewares: BTreeMap<String, Middleware>,
+    #[serde(skip_serializing_if = "Resources::is_empty")]
+    pub middlewares: Resources<Middleware>,
     /// `tcp.serversTransports.<name>`.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub servers_transports: BTreeMap<String, ServersTransport>,
+    #[serde(skip_serializing_if = "Resources::is_empty")]
+    pub servers_transports: Resources<ServersTransport>,
 }
 
 impl Tcp {

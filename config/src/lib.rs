@@ -18,6 +18,7 @@ mod load;
 pub mod meta;
 mod node;
 pub mod origin;
+pub mod resources;
 pub mod rule;
 pub mod static_config;
 pub mod tags;
@@ -32,10 +33,11 @@ pub use error::{ConfigError, Warning};
 pub use load::{Format, from_str, load_dynamic_file, load_dynamic_str, load_static};
 pub use meta::Meta;
 pub use origin::Origin;
+pub use resources::Resources;
 pub use rule::Rule;
 pub use static_config::*;
 pub use tls::{ClientCertificate, FileOrContent};
 pub use validate::{
-    DEFAULT_TRANSPORT, ResourceError, ResourceKind, Validated, by_resource, merge, provider_of,
-    qualify, summary, validate, validate_owned, validate_without_static,
+    DEFAULT_TRANSPORT, MergeCache, ResourceError, ResourceKind, Validated, by_resource, merge,
+    provider_of, qualify, summary, validate, validate_owned, validate_without_static,
 };

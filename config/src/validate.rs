@@ -4,12 +4,14 @@
 //! configuration keeps every valid resource, and each error names the provider, the resource, the
 //! key and where it was written (file:line or tag).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use crate::checks::{check_address, check_transport, missing_file, parse_ip_or_cidr};
-use crate::dynamic::{Dynamic, Router, Service};
+use crate::dynamic::{Dynamic, Middleware, Router, ServersTransport, Service};
 use crate::origin::Origin;
+use crate::resources::Resources;
 use crate::static_config::StaticConfig;
 
 /// The name of the transport built from the static `tcpServersTransport`.
@@ -37,94 +39,200 @@ type Declared<'a> = dyn Fn(&str) -> bool + 'a;
 /// qualified ones (`x@file`, `default@internal`) are kept. TLS certificates are concatenated;
 /// TLS options other than `default` are qualified like resources.
 pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
-    let mut out = Dynamic::default();
-    for (provider, d) in parts {
-        let q = |n: &str| format!("{n}@{provider}");
-        let mut meta = d.meta.clone();
-        // `tcp.routers.<name>…` → `tcp.routers.<name>@<provider>…` (same for the other tcp
-        // sections), for the names the provider declares; the shortest declared name wins.
-        let sections: [(&str, &Declared<'_>); 4] = [
-            ("tcp.routers.", &|n| d.tcp.routers.contains_key(n)),
-            ("tcp.services.", &|n| d.tcp.services.contains_key(n)),
-            ("tcp.middlewares.", &|n| d.tcp.middlewares.contains_key(n)),
-            ("tcp.serversTransports.", &|n| {
-                d.tcp.servers_transports.contains_key(n)
-            }),
-        ];
-        meta.rename_keys(|k| {
-            let (sec, rest, declared) = sections
-                .iter()
-                .find_map(|(sec, has)| k.strip_prefix(sec).map(|r| (sec, r, has)))?;
-            rest.match_indices(['.', '['])
-                .map(|(i, _)| i)
-                .chain(std::iter::once(rest.len()))
-                .find(|&i| declared(&rest[..i]))
-                .map(|i| format!("{sec}{}@{provider}{}", &rest[..i], &rest[i..]))
-        });
-        for (name, r) in &d.tcp.routers {
-            let mut r = r.clone();
-            if !r.service.is_empty() {
-                r.service = qualify(&r.service, provider);
-            }
-            r.middlewares = r.middlewares.iter().map(|m| qualify(m, provider)).collect();
-            if let Some(tls) = &mut r.tls
-                && let Some(o) = &mut tls.options
-                && o != "default"
-            {
-                *o = qualify(o, provider);
-            }
-            out.tcp.routers.insert(q(name), r);
-        }
-        for (name, s) in &d.tcp.services {
-            let mut s = s.clone();
-            if let Some(lb) = &mut s.load_balancer
-                && let Some(t) = &mut lb.servers_transport
-            {
-                *t = qualify(t, provider);
-            }
-            if let Some(w) = &mut s.weighted {
-                for ws in &mut w.services {
-                    if !ws.name.is_empty() {
-                        ws.name = qualify(&ws.name, provider);
-                    }
-                }
-            }
-            out.tcp.services.insert(q(name), s);
-        }
-        for (name, m) in &d.tcp.middlewares {
-            out.tcp.middlewares.insert(q(name), m.clone());
-        }
-        for (name, t) in &d.tcp.servers_transports {
-            out.tcp.servers_transports.insert(q(name), t.clone());
-        }
-        let offset = out.tls.certificates.len();
-        for i in 0..d.tls.certificates.len() {
-            meta.rename_prefix(
-                &format!("tls.certificates[{i}]"),
-                &format!("tls.certificates[{}]", offset + i),
-            );
-        }
-        out.tls
-            .certificates
-            .extend(d.tls.certificates.iter().cloned());
-        for (name, o) in &d.tls.options {
-            let n = if name == "default" {
-                name.clone()
-            } else {
-                q(name)
+    MergeCache::default().merge(parts)
+}
+
+/// One provider's resources as last merged: for each name, the provider's resource and the
+/// merged (qualified) one made from it.
+#[derive(Debug, Default)]
+struct Merged<T>(BTreeMap<String, (Arc<T>, Arc<T>)>);
+
+impl<T> Merged<T> {
+    /// Qualifies every resource of `input` into `out`, reusing the merged resource of the
+    /// previous call when the provider's resource is the same allocation; `qualify` makes the
+    /// merged copy of a changed resource.
+    fn merge(
+        &mut self,
+        provider: &str,
+        input: &Resources<T>,
+        out: &mut Resources<T>,
+        qualify: impl Fn(&T) -> Option<T>,
+    ) {
+        let mut next = BTreeMap::new();
+        let mut merged = Vec::with_capacity(input.len());
+        for (name, r) in input {
+            let m = match self.0.remove(name) {
+                Some((was, m)) if Arc::ptr_eq(&was, r) => m,
+                _ => qualify(r).map_or_else(|| r.clone(), Arc::new),
             };
-            meta.rename_prefix(&format!("tls.options.{name}"), &format!("tls.options.{n}"));
-            out.tls.options.insert(n, o.clone());
+            merged.push((format!("{name}@{provider}"), m.clone()));
+            next.insert(name.clone(), (r.clone(), m));
         }
-        for (name, s) in &d.tls.stores {
-            out.tls
-                .stores
-                .entry(name.clone())
-                .or_insert_with(|| s.clone());
-        }
-        out.meta.extend(meta);
+        self.0 = next;
+        out.as_map_mut().extend(merged);
     }
-    out
+}
+
+/// The per-provider memory of [`MergeCache`].
+#[derive(Debug, Default)]
+struct ProviderMerge {
+    routers: Merged<Router>,
+    services: Merged<Service>,
+    middlewares: Merged<Middleware>,
+    transports: Merged<ServersTransport>,
+}
+
+/// [`merge`] for a stream of configurations: a resource a provider publishes again unchanged
+/// (the same `Arc`, as the Consul provider does for every service a change did not touch) keeps
+/// its merged resource, so merging after a change copies only what changed and the merged
+/// configurations of two generations share their unchanged resources.
+#[derive(Debug, Default)]
+pub struct MergeCache {
+    providers: HashMap<String, ProviderMerge>,
+}
+
+impl MergeCache {
+    /// Merges `parts` like [`merge`].
+    pub fn merge(&mut self, parts: &[(&str, &Dynamic)]) -> Dynamic {
+        let mut out = Dynamic::default();
+        self.providers
+            .retain(|p, _| parts.iter().any(|(name, _)| name == p));
+        for (provider, d) in parts {
+            let q = |n: &str| format!("{n}@{provider}");
+            let mut meta = d.meta.clone();
+            // `tcp.routers.<name>…` → `tcp.routers.<name>@<provider>…` (same for the other tcp
+            // sections), for the names the provider declares; the shortest declared name wins.
+            let sections: [(&str, &Declared<'_>); 4] = [
+                ("tcp.routers.", &|n| d.tcp.routers.contains_key(n)),
+                ("tcp.services.", &|n| d.tcp.services.contains_key(n)),
+                ("tcp.middlewares.", &|n| d.tcp.middlewares.contains_key(n)),
+                ("tcp.serversTransports.", &|n| {
+                    d.tcp.servers_transports.contains_key(n)
+                }),
+            ];
+            meta.rename_keys(|k| {
+                let (sec, rest, declared) = sections
+                    .iter()
+                    .find_map(|(sec, has)| k.strip_prefix(sec).map(|r| (sec, r, has)))?;
+                rest.match_indices(['.', '['])
+                    .map(|(i, _)| i)
+                    .chain(std::iter::once(rest.len()))
+                    .find(|&i| declared(&rest[..i]))
+                    .map(|i| format!("{sec}{}@{provider}{}", &rest[..i], &rest[i..]))
+            });
+            let cache = self.providers.entry((*provider).to_owned()).or_default();
+            cache
+                .routers
+                .merge(provider, &d.tcp.routers, &mut out.tcp.routers, |r| {
+                    qualify_router(r, provider)
+                });
+            cache
+                .services
+                .merge(provider, &d.tcp.services, &mut out.tcp.services, |s| {
+                    qualify_service(s, provider)
+                });
+            cache.middlewares.merge(
+                provider,
+                &d.tcp.middlewares,
+                &mut out.tcp.middlewares,
+                |_| None,
+            );
+            cache.transports.merge(
+                provider,
+                &d.tcp.servers_transports,
+                &mut out.tcp.servers_transports,
+                |_| None,
+            );
+            let offset = out.tls.certificates.len();
+            for i in 0..d.tls.certificates.len() {
+                meta.rename_prefix(
+                    &format!("tls.certificates[{i}]"),
+                    &format!("tls.certificates[{}]", offset + i),
+                );
+            }
+            out.tls
+                .certificates
+                .extend(d.tls.certificates.iter().cloned());
+            for (name, o) in &d.tls.options {
+                let n = if name == "default" {
+                    name.clone()
+                } else {
+                    q(name)
+                };
+                meta.rename_prefix(&format!("tls.options.{name}"), &format!("tls.options.{n}"));
+                out.tls.options.insert(n, o.clone());
+            }
+            for (name, s) in &d.tls.stores {
+                out.tls
+                    .stores
+                    .entry(name.clone())
+                    .or_insert_with(|| s.clone());
+            }
+            out.meta.extend(meta);
+        }
+        out
+    }
+}
+
+/// True when `reference` is to be qualified (not empty, no provider yet).
+fn unqualified(reference: &str) -> bool {
+    !reference.is_empty() && !reference.contains('@')
+}
+
+/// `r` with its references qualified with `provider`; `None` when they all are already.
+fn qualify_router(r: &Router, provider: &str) -> Option<Router> {
+    let options = r
+        .tls
+        .as_ref()
+        .and_then(|t| t.options.as_deref())
+        .filter(|o| *o != "default");
+    if !unqualified(&r.service)
+        && !r.middlewares.iter().any(|m| unqualified(m))
+        && !options.is_some_and(unqualified)
+    {
+        return None;
+    }
+    let mut r = r.clone();
+    if !r.service.is_empty() {
+        r.service = qualify(&r.service, provider);
+    }
+    r.middlewares = r.middlewares.iter().map(|m| qualify(m, provider)).collect();
+    if let Some(tls) = &mut r.tls
+        && let Some(o) = &mut tls.options
+        && o != "default"
+    {
+        *o = qualify(o, provider);
+    }
+    Some(r)
+}
+
+/// `s` with its references qualified with `provider`; `None` when they all are already.
+fn qualify_service(s: &Service, provider: &str) -> Option<Service> {
+    let transport = s
+        .load_balancer
+        .as_ref()
+        .and_then(|lb| lb.servers_transport.as_deref());
+    let weighted = s
+        .weighted
+        .as_ref()
+        .is_some_and(|w| w.services.iter().any(|ws| unqualified(&ws.name)));
+    if !transport.is_some_and(unqualified) && !weighted {
+        return None;
+    }
+    let mut s = s.clone();
+    if let Some(lb) = &mut s.load_balancer
+        && let Some(t) = &mut lb.servers_transport
+    {
+        *t = qualify(t, provider);
+    }
+    if let Some(w) = &mut s.weighted {
+        for ws in &mut w.services {
+            if !ws.name.is_empty() {
+                ws.name = qualify(&ws.name, provider);
+            }
+        }
+    }
+    Some(s)
 }
 
 /// The kind of a resource.

@@ -457,7 +457,7 @@ fn dynamic_defaults() {
     assert_eq!(d, Dynamic::default());
     let d = load_dynamic_str("[tcp.routers.r]\n[tcp.services.s.loadBalancer]\nservers = [{ address = \"a:1\" }]\n[tcp.services.h.loadBalancer.healthCheck]\n", Format::Toml, "e").unwrap();
     let r = &d.tcp.routers["r"];
-    assert_eq!(r, &Router::default());
+    assert_eq!(**r, Router::default());
     assert_eq!(r.priority, None);
     assert_eq!(r.tls, None);
     let s = &d.tcp.services["s"].load_balancer.as_ref().unwrap().servers[0];

@@ -487,3 +487,78 @@ fn merge_qualifies_origins_of_declared_names_only() {
     // Not a declared service: left as read.
     assert_eq!(tag("tcp.services.gone.x"), Some("g"));
 }
+
+#[test]
+fn merge_cache_shares_what_a_provider_did_not_change() {
+    use std::sync::Arc;
+    let f = file(
+        "[tcp.routers.r]\nrule = \"HostSNI(`*`)\"\nservice = \"s\"\n\
+         [[tcp.services.s.loadBalancer.servers]]\naddress = \"127.0.0.1:1\"\n",
+    );
+    // The Consul provider publishes its references already qualified.
+    let mut c = Dynamic::default();
+    c.tcp.routers.insert(
+        "db".into(),
+        Router {
+            rule: "HostSNI(`db`)".into(),
+            service: "db@consulcatalog".into(),
+            ..Default::default()
+        },
+    );
+    c.tcp.services.insert(
+        "db".into(),
+        Service {
+            load_balancer: Some(LoadBalancer {
+                servers: vec![Server {
+                    address: "127.0.0.1:2".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            weighted: None,
+        },
+    );
+    let mut cache = MergeCache::default();
+    let first = cache.merge(&[("file", &f), ("consulcatalog", &c)]);
+    assert_eq!(first, merge(&[("file", &f), ("consulcatalog", &c)]));
+    assert_eq!(first.tcp.routers["r@file"].service, "s@file");
+    assert!(
+        Arc::ptr_eq(&first.tcp.routers["db@consulcatalog"], &c.tcp.routers["db"]),
+        "a resource with qualified references is the provider's own"
+    );
+
+    // The Consul provider changes one service; the file provider publishes the same output.
+    let mut c2 = c.clone();
+    c2.tcp
+        .services
+        .get_mut("db")
+        .unwrap()
+        .load_balancer
+        .as_mut()
+        .unwrap()
+        .servers[0]
+        .address = "127.0.0.1:3".into();
+    let second = cache.merge(&[("file", &f), ("consulcatalog", &c2)]);
+    assert!(Arc::ptr_eq(
+        &first.tcp.routers["r@file"],
+        &second.tcp.routers["r@file"]
+    ));
+    assert!(Arc::ptr_eq(
+        &first.tcp.services["s@file"],
+        &second.tcp.services["s@file"]
+    ));
+    assert!(Arc::ptr_eq(
+        &first.tcp.routers["db@consulcatalog"],
+        &second.tcp.routers["db@consulcatalog"]
+    ));
+    assert!(!Arc::ptr_eq(
+        &first.tcp.services["db@consulcatalog"],
+        &second.tcp.services["db@consulcatalog"]
+    ));
+    assert_eq!(second, merge(&[("file", &f), ("consulcatalog", &c2)]));
+
+    // A provider that is gone takes its resources with it.
+    let third = cache.merge(&[("file", &f)]);
+    assert!(!third.tcp.routers.contains_key("db@consulcatalog"));
+    assert_eq!(third, merge(&[("file", &f)]));
+}

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tagway_config::resources::same_opt;
 use tagway_config::{Dynamic, LoadBalancer, Rule, StaticConfig};
 use tagway_transport::IdentitySource;
 
@@ -111,19 +112,25 @@ impl Ctx<'_> {
     /// balancer without health check (health loops belong to a generation) whose configuration
     /// and servers transport configuration are equal to the ones it was compiled from. Its
     /// servers keep their state.
-    fn reusable_service(&self, name: &str, svc: &tagway_config::Service) -> Option<Arc<Balancer>> {
+    fn reusable_service(
+        &self,
+        name: &str,
+        svc: &Arc<tagway_config::Service>,
+    ) -> Option<Arc<Balancer>> {
         let prev = self.prev?;
         let src = prev.source.as_deref()?;
         let lb = svc.load_balancer.as_ref()?;
         if svc.weighted.is_some() || lb.health_check.is_some() {
             return None;
         }
-        if src.tcp.services.get(name) != Some(svc) {
+        if !same_opt(src.tcp.services.get(name), Some(svc)) {
             return None;
         }
         let tname = lb.servers_transport.as_deref().unwrap_or(DEFAULT_TRANSPORT);
-        if self.dynamic.tcp.servers_transports.get(tname) != src.tcp.servers_transports.get(tname)
-            || self.transport(tname).is_err()
+        if !same_opt(
+            self.dynamic.tcp.servers_transports.get(tname),
+            src.tcp.servers_transports.get(tname),
+        ) || self.transport(tname).is_err()
         {
             return None;
         }
@@ -463,7 +470,7 @@ fn compile_router(
     middlewares: &HashMap<&str, Result<Arc<Middleware>, String>>,
     tls_configs: &crate::tls::TlsConfigs,
     name: &str,
-    r: &tagway_config::Router,
+    r: &Arc<tagway_config::Router>,
 ) -> Result<Arc<Route>, String> {
     if let Some(old) = reusable_router(cx, middlewares, tls_configs, name, r) {
         return Ok(old);
@@ -522,11 +529,11 @@ fn reusable_router(
     middlewares: &HashMap<&str, Result<Arc<Middleware>, String>>,
     tls_configs: &crate::tls::TlsConfigs,
     name: &str,
-    r: &tagway_config::Router,
+    r: &Arc<tagway_config::Router>,
 ) -> Option<Arc<Route>> {
     let prev = cx.prev?;
     let src = prev.source.as_deref()?;
-    if src.tcp.routers.get(name) != Some(r) {
+    if !same_opt(src.tcp.routers.get(name), Some(r)) {
         return None;
     }
     let old = prev.routers.get(name)?;

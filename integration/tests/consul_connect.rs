@@ -176,10 +176,13 @@ async fn connect_mtls_with_the_exact_spiffe_id_rotation_and_proxy_inside_tls() {
     })
     .await;
     let lb = d.tcp.services["db"].load_balancer.clone().unwrap();
-    assert_eq!(lb.servers_transport.as_deref(), Some("connect-db"));
+    assert_eq!(
+        lb.servers_transport.as_deref(),
+        Some("connect-db@consulcatalog")
+    );
     let server = lb.servers[0].clone();
     assert!(server.tls);
-    let tcfg: ServersTransport = d.tcp.servers_transports["connect-db"].clone();
+    let tcfg: ServersTransport = d.tcp.servers_transports["connect-db"].as_ref().clone();
     let want = catalog.spiffe_id("db");
     assert_eq!(
         tcfg.spiffe.as_ref().unwrap().ids,

@@ -27,8 +27,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use tagway_config::{
-    Dynamic, LoadBalancer, Middleware, Router, Server, ServersTransport, Service, Spiffe,
-    TransportTls,
+    Dynamic, LoadBalancer, Middleware, Resources, Router, Server, ServersTransport, Service,
+    Spiffe, TransportTls,
 };
 
 use crate::api::{Health, ServiceEntry};
@@ -430,6 +430,11 @@ pub fn convert_service(
     frag
 }
 
+/// A copy of `r` to change.
+fn owned<T: Clone>(r: &Resources<T>) -> BTreeMap<String, T> {
+    r.iter().map(|(k, v)| (k.clone(), T::clone(v))).collect()
+}
+
 type ItemResult = Result<(ItemBuild, Vec<(String, String)>), (Option<String>, String)>;
 
 fn build_item(
@@ -440,10 +445,10 @@ fn build_item(
 ) -> ItemResult {
     let tcp = &tags.config.tcp;
     let mut item = ItemBuild {
-        routers: tcp.routers.clone(),
-        services: tcp.services.clone(),
-        middlewares: tcp.middlewares.clone(),
-        transports: tcp.servers_transports.clone(),
+        routers: owned(&tcp.routers),
+        services: owned(&tcp.services),
+        middlewares: owned(&tcp.middlewares),
+        transports: owned(&tcp.servers_transports),
     };
     let mut warnings = Vec::new();
     let is_tcp = !item.routers.is_empty() || !item.services.is_empty();
@@ -732,7 +737,8 @@ impl Merger {
     /// a provider (as written, or as resolved to the file provider's).
     fn referencing(&self, kind: Kind, name: &str) -> Vec<(Kind, String)> {
         let foreign = format!("{name}@{FILE_PROVIDER}");
-        let hit = |r: &str| r == name || r == foreign;
+        let own = format!("{name}@{}", crate::PROVIDER_NAME);
+        let hit = |r: &str| r == name || r == foreign || r == own;
         let tcp = &self.merged.tcp;
         let mut out = Vec::new();
         match kind {
@@ -770,18 +776,22 @@ impl Merger {
         out
     }
 
-    /// An unqualified reference to a resource no Consul service defines means the file
-    /// provider's: the seeds' ``…loadBalancer.serversTransport=mytransport`` with `mytransport`
-    /// in a file works as written.
+    /// Qualifies an unqualified reference: with this provider's name when a Consul service
+    /// defines the resource, else with the file provider's (the seeds'
+    /// ``…loadBalancer.serversTransport=mytransport`` with `mytransport` in a file works as
+    /// written). Published resources are thereby already qualified, and merging them with the
+    /// other providers' shares them instead of copying them.
     fn resolve(&self, kind: Kind, reference: &mut String) {
-        if reference.is_empty()
-            || reference.contains('@')
-            || self.owners.contains_key(&(kind, reference.clone()))
-        {
+        if reference.is_empty() || reference.contains('@') {
             return;
         }
+        let provider = if self.owners.contains_key(&(kind, reference.clone())) {
+            crate::PROVIDER_NAME
+        } else {
+            FILE_PROVIDER
+        };
         reference.push('@');
-        reference.push_str(FILE_PROVIDER);
+        reference.push_str(provider);
     }
 
     fn resolve_router(&self, r: &mut Router) {
@@ -866,14 +876,7 @@ impl Merger {
                     v
                 });
                 let tcp = &mut Arc::make_mut(&mut self.merged).tcp;
-                match (first, &conflict) {
-                    (Some(v), None) => {
-                        tcp.$map.insert(name.to_owned(), v);
-                    }
-                    _ => {
-                        tcp.$map.remove(name);
-                    }
-                }
+                put(&mut tcp.$map, name, first.filter(|_| conflict.is_none()));
             }};
         }
         match kind {
@@ -919,14 +922,7 @@ impl Merger {
                     v
                 });
                 let tcp = &mut Arc::make_mut(&mut self.merged).tcp;
-                match (acc, &conflict) {
-                    (Some(v), None) => {
-                        tcp.services.insert(name.to_owned(), v);
-                    }
-                    _ => {
-                        tcp.services.remove(name);
-                    }
-                }
+                put(&mut tcp.services, name, acc.filter(|_| conflict.is_none()));
             }
         }
         if let Some((a, b)) = conflict {
@@ -945,6 +941,20 @@ impl Merger {
                     ),
                 },
             );
+        }
+    }
+}
+
+/// Sets (or with `None` removes) `name` in `map`, keeping the resource in place when it is
+/// unchanged: what the previous publication holds stays shared with the next one.
+fn put<T: PartialEq>(map: &mut Resources<T>, name: &str, value: Option<T>) {
+    match value {
+        Some(v) if map.get(name).is_some_and(|cur| **cur == v) => {}
+        Some(v) => {
+            map.insert(name.to_owned(), v);
+        }
+        None => {
+            map.remove(name);
         }
     }
 }
@@ -1077,6 +1087,47 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_change_keeps_every_untouched_resource_shared_with_the_last_snapshot() {
+        let s = settings();
+        let mut m = Merger::new();
+        m.set(
+            "a",
+            Some(convert(
+                &[entry("a1", "10.1.0.1", 1, &["r=ra", "s=sa"], "passing")],
+                &s,
+            )),
+        );
+        m.set(
+            "b",
+            Some(convert(
+                &[entry("b1", "10.1.0.2", 1, &["r=rb", "s=sb"], "passing")],
+                &s,
+            )),
+        );
+        let before = m.snapshot();
+        m.set(
+            "b",
+            Some(convert(
+                &[entry("b1", "10.1.0.2", 2, &["r=rb", "s=sb"], "passing")],
+                &s,
+            )),
+        );
+        let after = m.snapshot();
+        let (b, a) = (&before.tcp, &after.tcp);
+        assert!(Arc::ptr_eq(&b.routers["ra"], &a.routers["ra"]));
+        assert!(Arc::ptr_eq(&b.services["sa"], &a.services["sa"]));
+        assert!(
+            Arc::ptr_eq(&b.routers["rb"], &a.routers["rb"]),
+            "recomputed but equal: kept"
+        );
+        assert!(!Arc::ptr_eq(&b.services["sb"], &a.services["sb"]));
+        assert_eq!(
+            a.services["sb"].load_balancer.as_ref().unwrap().servers[0].address,
+            "10.1.0.2:2"
+        );
+    }
+
     fn merged(frag: Fragment) -> (Dynamic, Vec<CatalogError>) {
         let mut m = Merger::new();
         m.set("web", Some(frag));
@@ -1106,7 +1157,7 @@ mod tests {
         ];
         let (d, errors) = merged(convert(&entries, &settings()));
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(d.tcp.routers["db"].service, "My-Web-app");
+        assert_eq!(d.tcp.routers["db"].service, "My-Web-app@consulcatalog");
         let lb = d.tcp.services["My-Web-app"].load_balancer.as_ref().unwrap();
         let addrs: Vec<&str> = lb.servers.iter().map(|s| s.address.as_str()).collect();
         assert_eq!(
@@ -1274,8 +1325,11 @@ mod tests {
             true,
         );
         assert!(canary_name.starts_with("My-Web-app-"), "{canary_name}");
-        assert_eq!(d.tcp.routers["canary"].service, canary_name);
-        assert_eq!(d.tcp.routers["db"].service, "My-Web-app");
+        assert_eq!(
+            d.tcp.routers["canary"].service,
+            format!("{canary_name}@consulcatalog")
+        );
+        assert_eq!(d.tcp.routers["db"].service, "My-Web-app@consulcatalog");
         assert_eq!(
             d.tcp.services[&canary_name]
                 .load_balancer
@@ -1424,8 +1478,8 @@ mod tests {
         let lb = d.tcp.services["svc"].load_balancer.as_ref().unwrap();
         assert_eq!(lb.servers_transport.as_deref(), Some("mytransport@file"));
         assert_eq!(
-            d.tcp.routers["db"].service, "svc",
-            "defined here: unqualified"
+            d.tcp.routers["db"].service, "svc@consulcatalog",
+            "defined here: this provider's"
         );
 
         // Once a Consul service defines the transport, the reference is its.
@@ -1453,7 +1507,10 @@ mod tests {
             .load_balancer
             .clone()
             .unwrap();
-        assert_eq!(lb.servers_transport.as_deref(), Some("mytransport"));
+        assert_eq!(
+            lb.servers_transport.as_deref(),
+            Some("mytransport@consulcatalog")
+        );
         m.set("other", None);
         let lb = m.merged().tcp.services["svc"]
             .load_balancer
@@ -1500,7 +1557,10 @@ mod tests {
         let (d, errors) = merged(frag);
         assert!(errors.is_empty(), "{errors:?}");
         let lb = d.tcp.services["db"].load_balancer.as_ref().unwrap();
-        assert_eq!(lb.servers_transport.as_deref(), Some("connect-db"));
+        assert_eq!(
+            lb.servers_transport.as_deref(),
+            Some("connect-db@consulcatalog")
+        );
         assert!(lb.servers[0].tls);
         let t = &d.tcp.servers_transports["connect-db"];
         assert_eq!(
@@ -1657,7 +1717,7 @@ mod real_decoder_tests {
         ]);
         assert!(errors.is_empty(), "{errors:?}");
         let r = &d.tcp.routers["pg"];
-        assert_eq!(r.service, "Service01");
+        assert_eq!(r.service, "Service01@consulcatalog");
         assert_eq!(r.entry_points, ["postgres"]);
         let lb = d.tcp.services["Service01"].load_balancer.as_ref().unwrap();
         assert_eq!(

@@ -1502,7 +1502,7 @@ mod tests {
         let (running, _stop) = start(&cfg(&consul), options());
         let mut rx = running.config();
         let d = until(&mut rx, "two servers", |d| servers(d, "web").len() == 2).await;
-        assert_eq!(d.tcp.routers["web"].service, "web");
+        assert_eq!(d.tcp.routers["web"].service, "web@consulcatalog");
         assert!(
             !d.tcp.services.contains_key("other"),
             "services without TCP tags are not watched"
@@ -2018,7 +2018,10 @@ mod tests {
         );
         let d = until(&mut rx, "connect service", |d| servers(d, "db").len() == 1).await;
         let lb = d.tcp.services["db"].load_balancer.as_ref().unwrap();
-        assert_eq!(lb.servers_transport.as_deref(), Some("connect-db"));
+        assert_eq!(
+            lb.servers_transport.as_deref(),
+            Some("connect-db@consulcatalog")
+        );
         assert!(lb.servers[0].tls);
         assert_eq!(
             d.tcp.servers_transports["connect-db"]

@@ -1,9 +1,9 @@
 //! All the transports of a configuration by name, with `default@internal` from the static
 //! configuration.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use tagway_config::ServersTransport;
+use tagway_config::{Resources, ServersTransport};
 
 use crate::dial::Transport;
 use crate::error::TransportError;
@@ -26,7 +26,7 @@ impl Transports {
     /// unchanged since `previous` is reused as is (certificates are not re-read).
     pub fn build(
         default: Transport,
-        transports: &BTreeMap<String, ServersTransport>,
+        transports: &Resources<ServersTransport>,
         identity: Option<&IdentitySource>,
         previous: Option<&Transports>,
     ) -> (Transports, Vec<TransportError>) {
@@ -37,7 +37,7 @@ impl Transports {
                 continue;
             }
             if let Some(old) = previous.and_then(|p| p.by_name.get(name))
-                && old.config() == cfg
+                && old.config() == &**cfg
                 && (cfg.spiffe.is_none() || old.has_identity_source() == identity.is_some())
             {
                 by_name.insert(name.clone(), old.clone());

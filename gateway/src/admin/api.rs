@@ -311,7 +311,7 @@ impl Snapshot {
             .tcp
             .servers_transports
             .iter()
-            .map(|(k, v)| (k.clone(), Some(v)))
+            .map(|(k, v)| (k.clone(), Some(&**v)))
             .collect();
         for n in self.rejected(KINDS) {
             all.entry(n).or_insert(None);

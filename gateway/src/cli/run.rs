@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tagway_config::{
-    Dynamic, LogFormat, StaticConfig, Validated, load_static, merge, validate_owned,
+    Dynamic, LogFormat, MergeCache, StaticConfig, Validated, load_static, validate_owned,
 };
 use tagway_provider_consul::ConsulProvider;
 use tagway_transport::{IdentitySource, SourceKind};
@@ -72,7 +72,13 @@ impl Providers {
 
 /// Merges and validates provider outputs, logging each error and one summary line.
 pub fn apply(st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
-    let v = validate_owned(merge(parts), st);
+    apply_with(&mut MergeCache::default(), st, parts)
+}
+
+/// [`apply`] reusing what `cache` merged last time for the resources the providers did not
+/// change.
+fn apply_with(cache: &mut MergeCache, st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
+    let v = validate_owned(cache.merge(parts), st);
     for e in &v.errors {
         tracing::error!("{e} (the resource is disabled)");
     }
@@ -132,7 +138,8 @@ pub fn combine_sources(
     let sources: Vec<(String, watch::Receiver<Arc<Dynamic>>)> =
         sources.into_iter().map(|s| (s.name, s.rx)).collect();
     let obs_current = obs.clone();
-    let current = move |sources: &[(String, watch::Receiver<Arc<Dynamic>>)]| {
+    let mut cache = MergeCache::default();
+    let mut current = move |sources: &[(String, watch::Receiver<Arc<Dynamic>>)]| {
         // Taken before reading the outputs: what this merge is sure to include.
         let mark = obs_current.as_ref().map(Observability::mark);
         let snapshot: Vec<(String, Arc<Dynamic>)> = sources
@@ -143,7 +150,7 @@ pub fn combine_sources(
             .iter()
             .map(|(n, d)| (n.as_str(), d.as_ref()))
             .collect();
-        let v = apply(&st, &parts);
+        let v = apply_with(&mut cache, &st, &parts);
         if let Some(o) = &obs_current {
             o.validated(&v.errors);
         }

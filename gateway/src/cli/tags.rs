@@ -65,20 +65,22 @@ pub fn evaluate(prefix: &str, tags: &[String]) -> (Output, Vec<String>, Vec<Stri
         }
         match kind {
             0 => {
-                merged.tcp.services.entry(name).or_insert_with(|| Service {
-                    load_balancer: Some(LoadBalancer::default()),
-                    ..Default::default()
+                merged.tcp.services.entry(name).or_insert_with(|| {
+                    Service {
+                        load_balancer: Some(LoadBalancer::default()),
+                        ..Default::default()
+                    }
+                    .into()
                 });
             }
             1 => {
-                merged
-                    .tcp
-                    .middlewares
-                    .entry(name)
-                    .or_insert_with(|| Middleware {
+                merged.tcp.middlewares.entry(name).or_insert_with(|| {
+                    Middleware {
                         in_flight_conn: Some(InFlightConn { amount: 1 }),
                         ..Default::default()
-                    });
+                    }
+                    .into()
+                });
             }
             _ => {
                 merged.tcp.servers_transports.entry(name).or_default();

@@ -1,10 +1,10 @@
 //! What changed between two applied configurations, for the one summary line logged per applied
 //! configuration.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use tagway_config::Dynamic;
+use tagway_config::resources::{Resources, same};
 
 /// Names added, removed and changed for one kind of resource.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,14 +18,14 @@ pub struct KindDiff {
 }
 
 impl KindDiff {
-    fn of<T: PartialEq>(prev: Option<&BTreeMap<String, T>>, next: &BTreeMap<String, T>) -> Self {
+    fn of<T: PartialEq>(prev: Option<&Resources<T>>, next: &Resources<T>) -> Self {
         let mut d = KindDiff::default();
-        let empty = BTreeMap::new();
+        let empty = Resources::new();
         let prev = prev.unwrap_or(&empty);
         for (k, v) in next {
             match prev.get(k) {
                 None => d.added.push(k.clone()),
-                Some(p) if p != v => d.changed.push(k.clone()),
+                Some(p) if !same(p, v) => d.changed.push(k.clone()),
                 Some(_) => {}
             }
         }

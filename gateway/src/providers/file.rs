@@ -133,7 +133,7 @@ pub fn merge_files(parts: Vec<Dynamic>) -> Result<Dynamic, ConfigError> {
     for part in parts {
         for (n, v) in part.tcp.routers.clone() {
             put(
-                &mut out.tcp.routers,
+                out.tcp.routers.as_map_mut(),
                 "tcp.routers",
                 n,
                 v,
@@ -144,7 +144,7 @@ pub fn merge_files(parts: Vec<Dynamic>) -> Result<Dynamic, ConfigError> {
         }
         for (n, v) in part.tcp.services.clone() {
             put(
-                &mut out.tcp.services,
+                out.tcp.services.as_map_mut(),
                 "tcp.services",
                 n,
                 v,
@@ -155,7 +155,7 @@ pub fn merge_files(parts: Vec<Dynamic>) -> Result<Dynamic, ConfigError> {
         }
         for (n, v) in part.tcp.middlewares.clone() {
             put(
-                &mut out.tcp.middlewares,
+                out.tcp.middlewares.as_map_mut(),
                 "tcp.middlewares",
                 n,
                 v,
@@ -166,7 +166,7 @@ pub fn merge_files(parts: Vec<Dynamic>) -> Result<Dynamic, ConfigError> {
         }
         for (n, v) in part.tcp.servers_transports.clone() {
             put(
-                &mut out.tcp.servers_transports,
+                out.tcp.servers_transports.as_map_mut(),
                 "tcp.serversTransports",
                 n,
                 v,

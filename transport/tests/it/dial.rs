@@ -1,7 +1,6 @@
 //! Dialing: refused, timeouts, keep-alive and TCP_NODELAY read back, host names, the health check,
 //! the transports registry.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -254,7 +253,7 @@ async fn health_check_times_out_on_a_silent_server() -> Result<()> {
 #[test]
 fn registry_resolves_names_and_keeps_errors_per_transport() -> Result<()> {
     let default = Transport::new(DEFAULT_TRANSPORT, &ServersTransport::default(), None)?;
-    let mut configs = BTreeMap::new();
+    let mut configs = tagway_config::Resources::new();
     configs.insert(
         "fast@file".to_owned(),
         ServersTransport {

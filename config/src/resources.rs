@@ -1,0 +1,240 @@
+//! [`Resources`]: a configuration section's resources by name, each shared behind an [`Arc`].
+//!
+//! A gateway fed by a large Consul catalog holds the same configuration in several places at once
+//! (the provider's output, the merged and validated configuration, the configuration the runtime
+//! tables were compiled from, the one observability reports). Sharing each resource means a
+//! change to one service copies one resource, not the whole configuration, and comparing two
+//! generations costs a pointer comparison per unchanged resource.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Resources of one kind (`tcp.routers`, `tcp.services`, …) by name, sorted by name.
+///
+/// Reads go through [`Deref`] to the underlying `BTreeMap<String, Arc<T>>` (`get`, `iter`,
+/// `keys`, `contains_key`, `len`, …). Writes take plain values (`insert(name, Router { … })`) and
+/// copy a shared resource only when it is changed ([`Resources::get_mut`] is
+/// [`Arc::make_mut`]). Two collections are equal when they have the same names and each pair of
+/// resources is the same allocation or compares equal.
+pub struct Resources<T>(BTreeMap<String, Arc<T>>);
+
+impl<T> Resources<T> {
+    /// An empty collection.
+    pub fn new() -> Self {
+        Resources(BTreeMap::new())
+    }
+
+    /// True when there is no resource.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The number of resources.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Adds or replaces `name`; returns the previous resource.
+    pub fn insert(&mut self, name: String, resource: impl Into<Arc<T>>) -> Option<Arc<T>> {
+        self.0.insert(name, resource.into())
+    }
+
+    /// Removes `name`; returns the resource.
+    pub fn remove(&mut self, name: &str) -> Option<Arc<T>> {
+        self.0.remove(name)
+    }
+
+    /// Keeps the resources for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &T) -> bool) {
+        self.0.retain(|k, v| keep(k, v));
+    }
+
+    /// The entry of `name`, to insert or update shared values in place.
+    pub fn entry(&mut self, name: String) -> btree_map::Entry<'_, String, Arc<T>> {
+        self.0.entry(name)
+    }
+
+    /// The underlying map, shared values included.
+    pub fn as_map(&self) -> &BTreeMap<String, Arc<T>> {
+        &self.0
+    }
+
+    /// The underlying map, mutably.
+    pub fn as_map_mut(&mut self) -> &mut BTreeMap<String, Arc<T>> {
+        &mut self.0
+    }
+
+    /// The underlying map.
+    pub fn into_map(self) -> BTreeMap<String, Arc<T>> {
+        self.0
+    }
+}
+
+impl<T: Clone> Resources<T> {
+    /// `name`'s resource, for changing it (copied first when it is shared).
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut T> {
+        self.0.get_mut(name).map(Arc::make_mut)
+    }
+
+    /// Every resource, for changing it (the shared ones are copied first).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut T)> {
+        self.0.iter_mut().map(|(k, v)| (k, Arc::make_mut(v)))
+    }
+
+    /// Every resource, for changing it (the shared ones are copied first).
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.0.values_mut().map(Arc::make_mut)
+    }
+}
+
+impl<T> Deref for Resources<T> {
+    type Target = BTreeMap<String, Arc<T>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<T> Default for Resources<T> {
+    fn default() -> Self {
+        Resources(BTreeMap::new())
+    }
+}
+
+impl<T> Clone for Resources<T> {
+    /// Copies the names and shares the resources.
+    fn clone(&self) -> Self {
+        Resources(self.0.clone())
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Resources<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<T: PartialEq> PartialEq for Resources<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(other.0.iter())
+                .all(|((ka, va), (kb, vb))| ka == kb && same(va, vb))
+    }
+}
+
+/// True when `a` and `b` are the same allocation or equal.
+pub fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+/// True when both are absent, or both present and [`same`].
+pub fn same_opt<T: PartialEq>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => same(a, b),
+        _ => false,
+    }
+}
+
+impl<K: Into<String>, V: Into<Arc<T>>, T> FromIterator<(K, V)> for Resources<T> {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Resources(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+impl<K: Into<String>, V: Into<Arc<T>>, T> Extend<(K, V)> for Resources<T> {
+    fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
+        self.0
+            .extend(iter.into_iter().map(|(k, v)| (k.into(), v.into())));
+    }
+}
+
+impl<K: Into<String>, V: Into<Arc<T>>, T, const N: usize> From<[(K, V); N]> for Resources<T> {
+    fn from(items: [(K, V); N]) -> Self {
+        items.into_iter().collect()
+    }
+}
+
+impl<T> From<BTreeMap<String, T>> for Resources<T> {
+    fn from(map: BTreeMap<String, T>) -> Self {
+        map.into_iter().collect()
+    }
+}
+
+impl<T> IntoIterator for Resources<T> {
+    type Item = (String, Arc<T>);
+    type IntoIter = btree_map::IntoIter<String, Arc<T>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Resources<T> {
+    type Item = (&'a String, &'a Arc<T>);
+    type IntoIter = btree_map::Iter<'a, String, Arc<T>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<T: Serialize> Serialize for Resources<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, &**v)))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Resources<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, T>::deserialize(d).map(Resources::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_on_clone_and_copies_on_write() {
+        let mut a: Resources<String> = [("x", "1".to_owned()), ("y", "2".to_owned())].into();
+        let b = a.clone();
+        assert!(Arc::ptr_eq(&a["x"], &b["x"]));
+        assert_eq!(a, b);
+        a.get_mut("x").unwrap().push('!');
+        assert_eq!(*b["x"], "1", "the other holder keeps its value");
+        assert_eq!(*a["x"], "1!");
+        assert!(
+            Arc::ptr_eq(&a["y"], &b["y"]),
+            "untouched resources stay shared"
+        );
+        assert_ne!(a, b);
+        let mut c = b.clone();
+        c.insert("x".into(), "1".to_owned());
+        assert!(!Arc::ptr_eq(&c["x"], &b["x"]));
+        assert_eq!(c, b, "equal values in other allocations compare equal");
+        c.remove("y");
+        assert_ne!(c, b);
+    }
+
+    #[test]
+    fn serializes_as_a_plain_map() {
+        let r: Resources<u32> = [("b", 2u32), ("a", 1)].into();
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(json, r#"{"a":1,"b":2}"#);
+        let back: Resources<u32> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+}
