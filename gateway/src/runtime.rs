@@ -22,7 +22,7 @@ use crate::router::{EntryTable, Route, TlsMode};
 pub use tagway_transport::DEFAULT_TRANSPORT;
 
 /// A resource that could not be compiled (the rest of the configuration still applies).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{kind} {name}: {message}")]
 #[non_exhaustive]
 pub struct CompileError {
@@ -54,6 +54,8 @@ pub struct Tables {
     /// The configuration these tables were compiled from (set by [`compile_shared`]): the next
     /// compile reuses the routers and services whose configuration is unchanged.
     source: Option<Arc<Dynamic>>,
+    /// What could not be compiled (carried over by an incremental compile).
+    errors: Vec<CompileError>,
 }
 
 impl Tables {
@@ -284,9 +286,261 @@ pub fn compile_shared(
     prev: Option<&Tables>,
     identity: Option<&IdentitySource>,
 ) -> (Tables, Vec<CompileError>) {
+    if let Some(p) = prev
+        && let Some(tables) = compile_changes(dynamic, static_cfg, p)
+    {
+        let errors = tables.errors.clone();
+        return (tables, errors);
+    }
     let (mut tables, errors) = compile(dynamic, static_cfg, prev, identity);
     tables.source = Some(dynamic.clone());
+    tables.errors = errors.clone();
     (tables, errors)
+}
+
+/// The names `a` and `b` disagree on (added, removed or changed), walking both in order: a
+/// pointer comparison per shared resource.
+fn changed_names<'a, T: PartialEq>(
+    a: &'a tagway_config::Resources<T>,
+    b: &'a tagway_config::Resources<T>,
+) -> HashSet<&'a str> {
+    let mut out = HashSet::new();
+    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        match (ia.peek(), ib.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.insert(k.as_str());
+                ia.next();
+            }
+            (None, Some((k, _))) => {
+                out.insert(k.as_str());
+                ib.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.insert(ka.as_str());
+                    ia.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert(kb.as_str());
+                    ib.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !tagway_config::resources::same(va, vb) {
+                        out.insert(ka.as_str());
+                    }
+                    ia.next();
+                    ib.next();
+                }
+            },
+        }
+    }
+    out
+}
+
+/// Compiles only what changed since `prev` was compiled: the routers and services whose
+/// configuration differs, the routers whose service changed and the weighted services over a
+/// changed service; everything else is taken from `prev` as is. `None` when a change reaches
+/// further (TLS, middlewares, servers transports) or `prev` runs health checks (their loops
+/// belong to one generation): then everything is compiled again.
+fn compile_changes(
+    dynamic: &Arc<Dynamic>,
+    static_cfg: &StaticConfig,
+    prev: &Tables,
+) -> Option<Tables> {
+    let src = prev.source.as_deref()?;
+    if prev.health.len() > 0
+        || prev.transports.is_none()
+        || src.tls != dynamic.tls
+        || src.tcp.middlewares != dynamic.tcp.middlewares
+        || src.tcp.servers_transports != dynamic.tcp.servers_transports
+    {
+        return None;
+    }
+    let mut services = changed_names(&src.tcp.services, &dynamic.tcp.services);
+    // Weighted services over a changed service change with it.
+    let weighted: Vec<(&String, &tagway_config::Weighted)> = dynamic
+        .tcp
+        .services
+        .iter()
+        .filter_map(|(n, s)| s.weighted.as_ref().map(|w| (n, w)))
+        .collect();
+    loop {
+        let before = services.len();
+        for (n, w) in &weighted {
+            if w.services
+                .iter()
+                .any(|ws| services.contains(ws.name.as_str()))
+            {
+                services.insert(n.as_str());
+            }
+        }
+        if services.len() == before {
+            break;
+        }
+    }
+    let mut routers = changed_names(&src.tcp.routers, &dynamic.tcp.routers);
+    if !services.is_empty() {
+        for (n, r) in &src.tcp.routers {
+            if services.contains(r.service.as_str()) {
+                routers.insert(n.as_str());
+            }
+        }
+        for (n, r) in &dynamic.tcp.routers {
+            if services.contains(r.service.as_str()) {
+                routers.insert(n.as_str());
+            }
+        }
+    }
+
+    let mut cx = Ctx {
+        dynamic,
+        prev: Some(prev),
+        transports: prev.transports.clone(),
+        services: HashMap::new(),
+        servers: HashMap::new(),
+        health: HealthChecks::default(),
+        errors: Vec::new(),
+    };
+    let middlewares: HashMap<&str, Result<Arc<Middleware>, String>> = dynamic
+        .tcp
+        .middlewares
+        .keys()
+        .map(|n| {
+            let m = prev.middlewares.get(n).cloned().ok_or_else(|| {
+                prev.errors
+                    .iter()
+                    .find(|e| e.kind == "middleware" && e.name == *n)
+                    .map_or_else(
+                        || format!("middleware {n} could not be built"),
+                        |e| e.message.clone(),
+                    )
+            });
+            (n.as_str(), m)
+        })
+        .collect();
+    let mut new_routers = prev.routers.clone();
+    for n in &routers {
+        new_routers.remove(*n);
+    }
+    let mut errors: Vec<CompileError> = prev
+        .errors
+        .iter()
+        .filter(|e| match e.kind {
+            "router" => !routers.contains(e.name.as_str()),
+            "service" => !services.contains(e.name.as_str()),
+            _ => true,
+        })
+        .cloned()
+        .collect();
+    let entry_points: Vec<&String> = static_cfg.entry_points.keys().collect();
+    for n in &routers {
+        let Some((name, r)) = dynamic.tcp.routers.get_key_value(*n) else {
+            continue;
+        };
+        match compile_router(&mut cx, &middlewares, &prev.tls, name, r) {
+            Ok(route) => {
+                let unknown: Vec<&str> = r
+                    .entry_points
+                    .iter()
+                    .filter(|ep| !static_cfg.entry_points.contains_key(*ep))
+                    .map(String::as_str)
+                    .collect();
+                if !unknown.is_empty() {
+                    let mut u = unknown;
+                    u.sort_unstable();
+                    u.dedup();
+                    cx.errors.push(CompileError {
+                        kind: "router",
+                        name: name.clone(),
+                        message: format!(
+                            "entry point(s) {} not in the static configuration (adding entry points needs a restart)",
+                            u.join(", ")
+                        ),
+                    });
+                }
+                new_routers.insert(name.clone(), route);
+            }
+            Err(message) => cx.errors.push(CompileError {
+                kind: "router",
+                name: name.clone(),
+                message,
+            }),
+        }
+    }
+    errors.append(&mut cx.errors);
+
+    // Services and server lists: the previous ones, without the changed services, plus what
+    // the changed routers compiled; then only what a router still reaches.
+    let mut new_services = prev.services.clone();
+    let mut new_servers = prev.servers.clone();
+    for n in &services {
+        new_services.remove(*n);
+        new_servers.remove(*n);
+    }
+    for (n, s) in cx.services {
+        if let Ok(b) = s {
+            new_services.insert(n, b);
+        }
+    }
+    new_servers.extend(cx.servers);
+    let mut reached: HashSet<&str> = HashSet::with_capacity(new_services.len());
+    let mut per_ep: BTreeMap<&String, Vec<Arc<Route>>> =
+        entry_points.iter().map(|k| (*k, Vec::new())).collect();
+    for (n, r) in &dynamic.tcp.routers {
+        let Some(route) = new_routers.get(n) else {
+            continue;
+        };
+        reached.insert(r.service.as_str());
+        if r.entry_points.is_empty() {
+            for v in per_ep.values_mut() {
+                v.push(route.clone());
+            }
+        } else {
+            for ep in &r.entry_points {
+                if let Some(v) = per_ep.get_mut(ep) {
+                    v.push(route.clone());
+                }
+            }
+        }
+    }
+    let mut stack: Vec<&str> = weighted
+        .iter()
+        .filter(|(n, _)| reached.contains(n.as_str()))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    while let Some(n) = stack.pop() {
+        if let Some(w) = dynamic
+            .tcp
+            .services
+            .get(n)
+            .and_then(|s| s.weighted.as_ref())
+        {
+            for ws in &w.services {
+                if reached.insert(ws.name.as_str()) {
+                    stack.push(ws.name.as_str());
+                }
+            }
+        }
+    }
+    new_services.retain(|n, _| reached.contains(n.as_str()));
+    new_servers.retain(|n, _| reached.contains(n.as_str()));
+    Some(Tables {
+        entry_points: per_ep
+            .into_iter()
+            .map(|(k, v)| (k.clone(), EntryTable::new(v)))
+            .collect(),
+        tls: prev.tls.clone(),
+        services: new_services,
+        routers: new_routers,
+        middlewares: prev.middlewares.clone(),
+        servers: new_servers,
+        transports: cx.transports,
+        health: cx.health,
+        source: Some(dynamic.clone()),
+        errors,
+    })
 }
 
 /// Compiles `dynamic` for the entry points of `static_cfg`. `prev` (the tables in use) lets
@@ -461,6 +715,7 @@ pub fn compile(
         transports: cx.transports,
         health: cx.health,
         source: None,
+        errors: Vec::new(),
     };
     (tables, cx.errors)
 }
@@ -659,6 +914,168 @@ mod tests {
         let (t2, _) = compile(&d, &st(), Some(&t), None);
         let s2 = t2.servers().next().unwrap().1.clone();
         assert!(Arc::ptr_eq(&s1, &s2));
+    }
+
+    /// What a compile produced, comparable between an incremental and a full compile.
+    fn summary(t: &Tables, errs: &[CompileError]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut sorted = |mut v: Vec<String>, what: &str| {
+            v.sort();
+            out.push(format!("{what}: {}", v.join(" ")));
+        };
+        sorted(t.routers.keys().cloned().collect(), "routers");
+        sorted(t.services.keys().cloned().collect(), "services");
+        sorted(
+            t.servers().map(|((s, a), _)| format!("{s}={a}")).collect(),
+            "servers",
+        );
+        sorted(errs.iter().map(ToString::to_string).collect(), "errors");
+        let mut eps: Vec<_> = t.entry_points.iter().collect();
+        eps.sort_by(|a, b| a.0.cmp(b.0));
+        for (ep, table) in eps {
+            let order: Vec<&str> = table.routes().map(|r| &*r.name).collect();
+            out.push(format!("{ep}: {}", order.join(" ")));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn compiling_only_the_changes_agrees_with_compiling_everything() {
+        let mut st = st();
+        st.entry_points.insert(
+            "other".into(),
+            EntryPoint {
+                address: "127.0.0.1:0".into(),
+                ..Default::default()
+            },
+        );
+        fn router(rule: &str, svc: &str) -> Router {
+            Router {
+                rule: rule.into(),
+                service: svc.into(),
+                ..Default::default()
+            }
+        }
+        fn weighted(children: &[&str]) -> Service {
+            Service {
+                load_balancer: None,
+                weighted: Some(Weighted {
+                    services: children
+                        .iter()
+                        .map(|c| WeightedService {
+                            name: (*c).into(),
+                            weight: Some(1),
+                        })
+                        .collect(),
+                }),
+            }
+        }
+        let mut d = Dynamic::default();
+        for i in 0..6 {
+            d.tcp
+                .services
+                .insert(format!("s{i}@c"), lb(&[&format!("127.0.0.1:{}", 100 + i)]));
+            d.tcp.routers.insert(
+                format!("r{i}@c"),
+                router(&format!("ClientIP(`127.0.0.{i}`)"), &format!("s{i}@c")),
+            );
+        }
+        d.tcp
+            .services
+            .insert("w@c".into(), weighted(&["s0@c", "s1@c"]));
+        d.tcp
+            .routers
+            .insert("rw@c".into(), router("HostSNI(`*`)", "w@c"));
+        d.tcp
+            .routers
+            .insert("dangling@c".into(), router("HostSNI(`*`)", "nope@c"));
+        let mut only_other = router("ClientIP(`10.0.0.1`)", "s2@c");
+        only_other.entry_points = vec!["other".into(), "gone".into()];
+        d.tcp.routers.insert("other@c".into(), only_other);
+
+        type Step = Box<dyn Fn(&mut Dynamic)>;
+        let steps: Vec<(&str, Step)> = vec![
+            (
+                "a server moves",
+                Box::new(|d| {
+                    d.tcp
+                        .services
+                        .insert("s3@c".into(), lb(&["127.0.0.1:203", "127.0.0.1:204"]));
+                }),
+            ),
+            (
+                "a weighted child changes",
+                Box::new(|d| {
+                    d.tcp.services.insert("s1@c".into(), lb(&["127.0.0.1:201"]));
+                }),
+            ),
+            (
+                "a service goes",
+                Box::new(|d| {
+                    d.tcp.services.remove("s4@c");
+                }),
+            ),
+            (
+                "the missing service appears",
+                Box::new(|d| {
+                    d.tcp
+                        .services
+                        .insert("nope@c".into(), lb(&["127.0.0.1:300"]));
+                }),
+            ),
+            (
+                "a rule changes, a router goes, one comes",
+                Box::new(|d| {
+                    d.tcp
+                        .routers
+                        .insert("r5@c".into(), router("HostSNI(`five`)", "s5@c"));
+                    d.tcp.routers.remove("r0@c");
+                    d.tcp
+                        .routers
+                        .insert("new@c".into(), router("ClientIP(`127.0.0.9`)", "s4@c"));
+                }),
+            ),
+            (
+                "a broken rule",
+                Box::new(|d| {
+                    d.tcp
+                        .routers
+                        .insert("r1@c".into(), router("HostSNI(", "s1@c"));
+                }),
+            ),
+            (
+                "the weighted service drops a child",
+                Box::new(|d| {
+                    d.tcp.services.insert("w@c".into(), weighted(&["s1@c"]));
+                }),
+            ),
+            ("nothing changes", Box::new(|_| {})),
+        ];
+        let first = Arc::new(d.clone());
+        let (mut prev, errs) = compile_shared(&first, &st, None, None);
+        assert_eq!(
+            summary(&prev, &errs),
+            summary(
+                &compile(&first, &st, None, None).0,
+                &compile(&first, &st, None, None).1
+            )
+        );
+        for (what, step) in steps {
+            step(&mut d);
+            let cfg = Arc::new(d.clone());
+            assert!(
+                compile_changes(&cfg, &st, &prev).is_some(),
+                "{what}: only the changes are compiled"
+            );
+            let (inc, inc_errs) = compile_shared(&cfg, &st, Some(&prev), None);
+            let (full, full_errs) = compile(&cfg, &st, None, None);
+            assert_eq!(
+                summary(&inc, &inc_errs),
+                summary(&full, &full_errs),
+                "after: {what}"
+            );
+            prev = inc;
+        }
     }
 
     #[tokio::test]

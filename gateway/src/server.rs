@@ -371,8 +371,10 @@ fn apply(
     obs: Option<&Observability>,
     identity: Option<&IdentitySource>,
 ) {
+    let t0 = std::time::Instant::now();
     let prev = tables.load_full();
     let (new, errors) = runtime::compile_shared(cfg, static_cfg, Some(&prev), identity);
+    let compiled = t0.elapsed();
     for e in &errors {
         tracing::error!(error = %e, "configuration resource skipped");
     }
@@ -386,6 +388,12 @@ fn apply(
     if let Some(o) = obs {
         o.applied(cfg, &errors);
     }
+    tracing::debug!(
+        target: "tagway::timing",
+        compile_us = compiled.as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "applied"
+    );
     // The previous generation (often the last holder of the configuration it was compiled from)
     // is freed on the blocking pool: at 10,000 services that is a few ms the control thread, busy
     // with the next change, does not spend.

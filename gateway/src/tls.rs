@@ -301,7 +301,7 @@ impl ClientCertVerifier for AnyClientCert {
 /// The termination configurations of a dynamic `tls` section: one per `tls.options` entry, and
 /// `default` (the `default` entry when declared, else TLS 1.2 and 1.3 with rustls' suites, no
 /// ALPN, no client authentication).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TlsConfigs {
     by_name: HashMap<String, Arc<rustls::ServerConfig>>,
     default: Option<Arc<rustls::ServerConfig>>,

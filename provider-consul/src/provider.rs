@@ -662,6 +662,26 @@ impl Coordinator {
     }
 
     fn handle(&mut self, ev: Event) {
+        let t0 = Instant::now();
+        let kind = match &ev {
+            Event::Catalog { .. } => "catalog",
+            Event::Fragment { .. } => "fragment",
+            Event::Census { .. } => "census",
+            Event::CensusFailed { .. } => "census failed",
+            Event::Feed { .. } => "feed",
+            Event::Failed { .. } => "failed",
+            Event::Recovered { .. } => "recovered",
+        };
+        self.dispatch(ev);
+        tracing::debug!(
+            target: "tagway::timing",
+            event = kind,
+            handle_us = t0.elapsed().as_micros() as u64,
+            "provider event"
+        );
+    }
+
+    fn dispatch(&mut self, ev: Event) {
         match ev {
             Event::Catalog { ns, services } => self.on_catalog(ns, services),
             Event::Fragment {
@@ -873,7 +893,15 @@ impl Coordinator {
             w.checked = checked;
         }
         let waiting = fragment.is_none();
-        if self.merger.set(&key.to_string(), fragment) {
+        let t0 = Instant::now();
+        let changed = self.merger.set(&key.to_string(), fragment);
+        tracing::debug!(
+            target: "tagway::timing",
+            service = %key,
+            merge_us = t0.elapsed().as_micros() as u64,
+            "fragment merged"
+        );
+        if changed {
             self.mark_dirty();
             if let Some(w) = self.watched.get_mut(&key) {
                 w.changed = Some(Instant::now());

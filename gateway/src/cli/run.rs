@@ -78,7 +78,16 @@ pub fn apply(st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
 /// [`apply`] reusing what `cache` merged last time for the resources the providers did not
 /// change.
 fn apply_with(cache: &mut MergeCache, st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
-    let v = validate_owned(cache.merge(parts), st);
+    let t0 = std::time::Instant::now();
+    let merged = cache.merge(parts);
+    let t1 = std::time::Instant::now();
+    let v = validate_owned(merged, st);
+    tracing::debug!(
+        target: "tagway::timing",
+        merge_us = (t1 - t0).as_micros() as u64,
+        validate_us = t1.elapsed().as_micros() as u64,
+        "merged and validated"
+    );
     for e in &v.errors {
         tracing::error!("{e} (the resource is disabled)");
     }

@@ -397,6 +397,9 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
     for k in 0..e {
         let i = pick(k, 1);
         let t = Instant::now();
+        if std::env::var_os("CONSUL_BENCH_TRACE").is_some() {
+            eprintln!("trace write-instance {}", now_us());
+        }
         catalog.register_node(
             NodeRegistration::new(format!("bench-extra-{k}"), "127.0.0.1")
                 .service(registration(i, m, slots[m], false)),
@@ -414,6 +417,9 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
     for k in 0..e {
         let i = pick(k, 2);
         let t = Instant::now();
+        if std::env::var_os("CONSUL_BENCH_TRACE").is_some() {
+            eprintln!("trace write-tags {}", now_us());
+        }
         let nodes = (0..m).map(|slot| {
             NodeRegistration::new(node(slot), "127.0.0.1").service(registration(
                 i,
