@@ -39,5 +39,6 @@ pub use static_config::*;
 pub use tls::{ClientCertificate, FileOrContent};
 pub use validate::{
     DEFAULT_TRANSPORT, MergeCache, ResourceError, ResourceKind, Validated, by_resource, merge,
-    provider_of, qualify, summary, validate, validate_owned, validate_without_static,
+    provider_of, qualify, summary, validate, validate_changes, validate_owned,
+    validate_without_static,
 };

@@ -6,8 +6,8 @@
 //! change to one service copies one resource, not the whole configuration, and comparing two
 //! generations costs a pointer comparison per unchanged resource.
 
-use std::collections::BTreeMap;
 use std::collections::btree_map;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -141,6 +141,122 @@ pub fn same_opt<T: PartialEq>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
         (None, None) => true,
         (Some(a), Some(b)) => same(a, b),
         _ => false,
+    }
+}
+
+/// How a name differs between two collections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Only in the second.
+    Added,
+    /// Only in the first.
+    Removed,
+    /// In both, not [`same`].
+    Changed,
+}
+
+/// Calls `f` for every name `a` and `b` disagree on, in name order, walking both together: a
+/// pointer comparison per shared resource, no lookups.
+pub fn diff<'a, T: PartialEq>(
+    a: &'a Resources<T>,
+    b: &'a Resources<T>,
+    mut f: impl FnMut(&'a str, Change),
+) {
+    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        let step = match (ia.peek(), ib.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        match step {
+            std::cmp::Ordering::Less => {
+                if let Some((k, _)) = ia.next() {
+                    f(k, Change::Removed);
+                }
+            }
+            std::cmp::Ordering::Greater => {
+                if let Some((k, _)) = ib.next() {
+                    f(k, Change::Added);
+                }
+            }
+            std::cmp::Ordering::Equal => {
+                if let (Some((k, va)), Some((_, vb))) = (ia.next(), ib.next())
+                    && !same(va, vb)
+                {
+                    f(k, Change::Changed);
+                }
+            }
+        }
+    }
+}
+
+/// The names `a` and `b` disagree on (added, removed or changed).
+pub fn changed_names<'a, T: PartialEq>(
+    a: &'a Resources<T>,
+    b: &'a Resources<T>,
+) -> HashSet<&'a str> {
+    let mut out = HashSet::new();
+    diff(a, b, |n, _| {
+        out.insert(n);
+    });
+    out
+}
+
+/// What a change between two configurations touches among routers and services: the ones
+/// added, removed or changed, the weighted services over a touched service, and the routers
+/// sending to a touched service. Everything else is unaffected as long as the middlewares,
+/// servers transports and TLS sections are the same.
+#[derive(Debug, Default)]
+pub struct Changes<'a> {
+    /// Touched routers.
+    pub routers: HashSet<&'a str>,
+    /// Touched services.
+    pub services: HashSet<&'a str>,
+}
+
+impl<'a> Changes<'a> {
+    /// The changes from `prev` to `next`.
+    pub fn between(prev: &'a crate::Dynamic, next: &'a crate::Dynamic) -> Changes<'a> {
+        let mut services = changed_names(&prev.tcp.services, &next.tcp.services);
+        let weighted: Vec<(&String, &crate::Weighted)> = next
+            .tcp
+            .services
+            .iter()
+            .filter_map(|(n, s)| s.weighted.as_ref().map(|w| (n, w)))
+            .collect();
+        loop {
+            let before = services.len();
+            for (n, w) in &weighted {
+                if w.services
+                    .iter()
+                    .any(|ws| services.contains(ws.name.as_str()))
+                {
+                    services.insert(n.as_str());
+                }
+            }
+            if services.len() == before {
+                break;
+            }
+        }
+        let mut routers = changed_names(&prev.tcp.routers, &next.tcp.routers);
+        if !services.is_empty() {
+            for (n, r) in prev.tcp.routers.iter().chain(next.tcp.routers.iter()) {
+                if services.contains(r.service.as_str()) {
+                    routers.insert(n.as_str());
+                }
+            }
+        }
+        Changes { routers, services }
+    }
+
+    /// True when `prev` and `next` agree on everything but routers and services, so that
+    /// [`Changes::between`] tells everything a change touches.
+    pub fn confined(prev: &crate::Dynamic, next: &crate::Dynamic) -> bool {
+        prev.tls == next.tls
+            && prev.tcp.middlewares == next.tcp.middlewares
+            && prev.tcp.servers_transports == next.tcp.servers_transports
     }
 }
 

@@ -4,14 +4,14 @@
 //! configuration keeps every valid resource, and each error names the provider, the resource, the
 //! key and where it was written (file:line or tag).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
 use crate::checks::{check_address, check_transport, missing_file, parse_ip_or_cidr};
-use crate::dynamic::{Dynamic, Middleware, Router, ServersTransport, Service};
+use crate::dynamic::{Dynamic, Router, Service, Tcp};
 use crate::origin::Origin;
-use crate::resources::Resources;
+use crate::resources::{Change, Changes, Resources};
 use crate::static_config::StaticConfig;
 
 /// The name of the transport built from the static `tcpServersTransport`.
@@ -42,136 +42,198 @@ pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
     MergeCache::default().merge(parts)
 }
 
-/// One provider's resources as last merged: for each name, the provider's resource and the
-/// merged (qualified) one made from it.
-#[derive(Debug, Default)]
-struct Merged<T>(BTreeMap<String, (Arc<T>, Arc<T>)>);
+/// Qualifies every resource of `input` into `out` (`name@provider`): a resource whose references
+/// are already qualified is shared, the others are copied with their references qualified.
+fn merge_all<T>(
+    provider: &str,
+    input: &Resources<T>,
+    out: &mut Resources<T>,
+    qualify: impl Fn(&T) -> Option<T>,
+) {
+    out.as_map_mut().extend(input.iter().map(|(name, r)| {
+        (
+            format!("{name}@{provider}"),
+            qualify(r).map_or_else(|| r.clone(), Arc::new),
+        )
+    }));
+}
 
-impl<T> Merged<T> {
-    /// Qualifies every resource of `input` into `out`, reusing the merged resource of the
-    /// previous call when the provider's resource is the same allocation; `qualify` makes the
-    /// merged copy of a changed resource.
-    fn merge(
-        &mut self,
-        provider: &str,
-        input: &Resources<T>,
-        out: &mut Resources<T>,
-        qualify: impl Fn(&T) -> Option<T>,
-    ) {
-        let mut next = BTreeMap::new();
-        let mut merged = Vec::with_capacity(input.len());
-        for (name, r) in input {
-            let m = match self.0.remove(name) {
-                Some((was, m)) if Arc::ptr_eq(&was, r) => m,
-                _ => qualify(r).map_or_else(|| r.clone(), Arc::new),
-            };
-            merged.push((format!("{name}@{provider}"), m.clone()));
-            next.insert(name.clone(), (r.clone(), m));
+/// Applies to `out` what changed in a provider's resources from `prev` to `next`.
+fn merge_changes<T: PartialEq>(
+    provider: &str,
+    prev: &Resources<T>,
+    next: &Resources<T>,
+    out: &mut Resources<T>,
+    qualify: impl Fn(&T) -> Option<T>,
+) {
+    crate::resources::diff(prev, next, |name, change| {
+        let key = format!("{name}@{provider}");
+        match (change, next.get(name)) {
+            (Change::Removed, _) | (_, None) => {
+                out.remove(&key);
+            }
+            (_, Some(r)) => {
+                out.insert(key, qualify(r).map_or_else(|| r.clone(), Arc::new));
+            }
         }
-        self.0 = next;
-        out.as_map_mut().extend(merged);
-    }
+    });
 }
 
-/// The per-provider memory of [`MergeCache`].
-#[derive(Debug, Default)]
-struct ProviderMerge {
-    routers: Merged<Router>,
-    services: Merged<Service>,
-    middlewares: Merged<Middleware>,
-    transports: Merged<ServersTransport>,
-}
-
-/// [`merge`] for a stream of configurations: a resource a provider publishes again unchanged
-/// (the same `Arc`, as the Consul provider does for every service a change did not touch) keeps
-/// its merged resource, so merging after a change copies only what changed and the merged
-/// configurations of two generations share their unchanged resources.
+/// [`merge`] for a stream of configurations. It keeps the providers' last outputs and the merged
+/// result: when the same providers publish again, only the resources that changed (found by
+/// walking each provider's old and new resources together, a pointer comparison for each
+/// unchanged one) are qualified again; the others stay shared with the previous result.
 #[derive(Debug, Default)]
 pub struct MergeCache {
-    providers: HashMap<String, ProviderMerge>,
+    /// The providers' outputs of the last call, and the tcp resources merged from them.
+    last: Option<(Vec<Part>, Tcp)>,
 }
 
+/// A provider's output, by provider name.
+type Part = (String, Arc<Dynamic>);
+
 impl MergeCache {
-    /// Merges `parts` like [`merge`].
+    /// Merges `parts` like [`merge`] (an uncached merge: nothing is remembered).
     pub fn merge(&mut self, parts: &[(&str, &Dynamic)]) -> Dynamic {
-        let mut out = Dynamic::default();
-        self.providers
-            .retain(|p, _| parts.iter().any(|(name, _)| name == p));
+        let mut out = merge_rest(parts);
         for (provider, d) in parts {
-            let q = |n: &str| format!("{n}@{provider}");
-            let mut meta = d.meta.clone();
-            // `tcp.routers.<name>…` → `tcp.routers.<name>@<provider>…` (same for the other tcp
-            // sections), for the names the provider declares; the shortest declared name wins.
-            let sections: [(&str, &Declared<'_>); 4] = [
-                ("tcp.routers.", &|n| d.tcp.routers.contains_key(n)),
-                ("tcp.services.", &|n| d.tcp.services.contains_key(n)),
-                ("tcp.middlewares.", &|n| d.tcp.middlewares.contains_key(n)),
-                ("tcp.serversTransports.", &|n| {
-                    d.tcp.servers_transports.contains_key(n)
-                }),
-            ];
-            meta.rename_keys(|k| {
-                let (sec, rest, declared) = sections
-                    .iter()
-                    .find_map(|(sec, has)| k.strip_prefix(sec).map(|r| (sec, r, has)))?;
-                rest.match_indices(['.', '['])
-                    .map(|(i, _)| i)
-                    .chain(std::iter::once(rest.len()))
-                    .find(|&i| declared(&rest[..i]))
-                    .map(|i| format!("{sec}{}@{provider}{}", &rest[..i], &rest[i..]))
-            });
-            let cache = self.providers.entry((*provider).to_owned()).or_default();
-            cache
-                .routers
-                .merge(provider, &d.tcp.routers, &mut out.tcp.routers, |r| {
-                    qualify_router(r, provider)
-                });
-            cache
-                .services
-                .merge(provider, &d.tcp.services, &mut out.tcp.services, |s| {
-                    qualify_service(s, provider)
-                });
-            cache.middlewares.merge(
-                provider,
-                &d.tcp.middlewares,
-                &mut out.tcp.middlewares,
-                |_| None,
-            );
-            cache.transports.merge(
-                provider,
-                &d.tcp.servers_transports,
-                &mut out.tcp.servers_transports,
-                |_| None,
-            );
-            let offset = out.tls.certificates.len();
-            for i in 0..d.tls.certificates.len() {
-                meta.rename_prefix(
-                    &format!("tls.certificates[{i}]"),
-                    &format!("tls.certificates[{}]", offset + i),
-                );
-            }
-            out.tls
-                .certificates
-                .extend(d.tls.certificates.iter().cloned());
-            for (name, o) in &d.tls.options {
-                let n = if name == "default" {
-                    name.clone()
-                } else {
-                    q(name)
-                };
-                meta.rename_prefix(&format!("tls.options.{name}"), &format!("tls.options.{n}"));
-                out.tls.options.insert(n, o.clone());
-            }
-            for (name, s) in &d.tls.stores {
-                out.tls
-                    .stores
-                    .entry(name.clone())
-                    .or_insert_with(|| s.clone());
-            }
-            out.meta.extend(meta);
+            merge_tcp_all(provider, d, &mut out.tcp);
         }
         out
     }
+
+    /// Merges `parts` like [`merge`], reusing the previous call's result for what did not change.
+    pub fn merge_shared(&mut self, parts: &[(&str, Arc<Dynamic>)]) -> Dynamic {
+        let refs: Vec<(&str, &Dynamic)> = parts.iter().map(|(p, d)| (*p, &**d)).collect();
+        let mut out = merge_rest(&refs);
+        let same_providers = self.last.as_ref().is_some_and(|(prev, _)| {
+            prev.len() == parts.len() && prev.iter().zip(parts).all(|((a, _), (b, _))| a == b)
+        });
+        match self.last.as_mut() {
+            Some((prev, tcp)) if same_providers => {
+                for ((provider, old), (_, new)) in prev.iter().zip(parts) {
+                    if Arc::ptr_eq(old, new) {
+                        continue;
+                    }
+                    let (o, n) = (&old.tcp, &new.tcp);
+                    merge_changes(provider, &o.routers, &n.routers, &mut tcp.routers, |r| {
+                        qualify_router(r, provider)
+                    });
+                    merge_changes(provider, &o.services, &n.services, &mut tcp.services, |s| {
+                        qualify_service(s, provider)
+                    });
+                    merge_changes(
+                        provider,
+                        &o.middlewares,
+                        &n.middlewares,
+                        &mut tcp.middlewares,
+                        |_| None,
+                    );
+                    merge_changes(
+                        provider,
+                        &o.servers_transports,
+                        &n.servers_transports,
+                        &mut tcp.servers_transports,
+                        |_| None,
+                    );
+                }
+                *prev = parts
+                    .iter()
+                    .map(|(p, d)| ((*p).to_owned(), d.clone()))
+                    .collect();
+            }
+            _ => {
+                let mut tcp = Tcp::default();
+                for (provider, d) in &refs {
+                    merge_tcp_all(provider, d, &mut tcp);
+                }
+                self.last = Some((
+                    parts
+                        .iter()
+                        .map(|(p, d)| ((*p).to_owned(), d.clone()))
+                        .collect(),
+                    tcp,
+                ));
+            }
+        }
+        if let Some((_, tcp)) = &self.last {
+            out.tcp = tcp.clone();
+        }
+        out
+    }
+}
+
+/// Qualifies all of a provider's tcp resources into `out`.
+fn merge_tcp_all(provider: &str, d: &Dynamic, out: &mut Tcp) {
+    merge_all(provider, &d.tcp.routers, &mut out.routers, |r| {
+        qualify_router(r, provider)
+    });
+    merge_all(provider, &d.tcp.services, &mut out.services, |s| {
+        qualify_service(s, provider)
+    });
+    merge_all(provider, &d.tcp.middlewares, &mut out.middlewares, |_| None);
+    merge_all(
+        provider,
+        &d.tcp.servers_transports,
+        &mut out.servers_transports,
+        |_| None,
+    );
+}
+
+/// Everything of the merge but the tcp resources: TLS and the origins of every key.
+fn merge_rest(parts: &[(&str, &Dynamic)]) -> Dynamic {
+    let mut out = Dynamic::default();
+    for (provider, d) in parts {
+        let q = |n: &str| format!("{n}@{provider}");
+        let mut meta = d.meta.clone();
+        // `tcp.routers.<name>…` → `tcp.routers.<name>@<provider>…` (same for the other tcp
+        // sections), for the names the provider declares; the shortest declared name wins.
+        let sections: [(&str, &Declared<'_>); 4] = [
+            ("tcp.routers.", &|n| d.tcp.routers.contains_key(n)),
+            ("tcp.services.", &|n| d.tcp.services.contains_key(n)),
+            ("tcp.middlewares.", &|n| d.tcp.middlewares.contains_key(n)),
+            ("tcp.serversTransports.", &|n| {
+                d.tcp.servers_transports.contains_key(n)
+            }),
+        ];
+        meta.rename_keys(|k| {
+            let (sec, rest, declared) = sections
+                .iter()
+                .find_map(|(sec, has)| k.strip_prefix(sec).map(|r| (sec, r, has)))?;
+            rest.match_indices(['.', '['])
+                .map(|(i, _)| i)
+                .chain(std::iter::once(rest.len()))
+                .find(|&i| declared(&rest[..i]))
+                .map(|i| format!("{sec}{}@{provider}{}", &rest[..i], &rest[i..]))
+        });
+        let offset = out.tls.certificates.len();
+        for i in 0..d.tls.certificates.len() {
+            meta.rename_prefix(
+                &format!("tls.certificates[{i}]"),
+                &format!("tls.certificates[{}]", offset + i),
+            );
+        }
+        out.tls
+            .certificates
+            .extend(d.tls.certificates.iter().cloned());
+        for (name, o) in &d.tls.options {
+            let n = if name == "default" {
+                name.clone()
+            } else {
+                q(name)
+            };
+            meta.rename_prefix(&format!("tls.options.{name}"), &format!("tls.options.{n}"));
+            out.tls.options.insert(n, o.clone());
+        }
+        for (name, s) in &d.tls.stores {
+            out.tls
+                .stores
+                .entry(name.clone())
+                .or_insert_with(|| s.clone());
+        }
+        out.meta.extend(meta);
+    }
+    out
 }
 
 /// True when `reference` is to be qualified (not empty, no provider yet).
@@ -388,8 +450,38 @@ pub fn validate_without_static(merged: &Dynamic) -> Validated {
     validate_impl(merged.clone(), None)
 }
 
-fn validate_impl(mut config: Dynamic, st: Option<&StaticConfig>) -> Validated {
-    let (errors, broken) = check_all(&config, st);
+/// [`validate_owned`] for the next configuration of a stream: `prev` is the previous result
+/// (validated configuration and errors) for the same static configuration. When the previous
+/// configuration had no error and the change is confined to routers and services, only the
+/// routers and services it touches are checked (see [`Changes`]); otherwise everything is.
+pub fn validate_changes(
+    merged: Dynamic,
+    st: &StaticConfig,
+    prev: Option<(&Dynamic, &[ResourceError])>,
+) -> Validated {
+    match prev {
+        Some((p, errors)) if errors.is_empty() && Changes::confined(p, &merged) => {
+            let (errors, broken) = {
+                let scope = Changes::between(p, &merged);
+                check_all(&merged, Some(st), Some(&scope))
+            };
+            remove_broken(merged, errors, &broken)
+        }
+        _ => validate_impl(merged, Some(st)),
+    }
+}
+
+fn validate_impl(config: Dynamic, st: Option<&StaticConfig>) -> Validated {
+    let (errors, broken) = check_all(&config, st, None);
+    remove_broken(config, errors, &broken)
+}
+
+/// `config` without the `broken` resources.
+fn remove_broken(
+    mut config: Dynamic,
+    errors: Vec<ResourceError>,
+    broken: &BTreeSet<(ResourceKind, String)>,
+) -> Validated {
     if broken.is_empty() {
         return Validated { config, errors };
     }
@@ -423,10 +515,12 @@ fn validate_impl(mut config: Dynamic, st: Option<&StaticConfig>) -> Validated {
     Validated { config, errors }
 }
 
-/// The errors of `d` and the resources they break.
+/// The errors of `d` and the resources they break; with a `scope`, only of the routers and
+/// services it names (the rest is known to be valid).
 fn check_all(
     d: &Dynamic,
     st: Option<&StaticConfig>,
+    scope: Option<&Changes<'_>>,
 ) -> (Vec<ResourceError>, BTreeSet<(ResourceKind, String)>) {
     use ResourceKind::*;
     let mut v = V {
@@ -434,19 +528,49 @@ fn check_all(
         errors: Vec::new(),
         broken: BTreeSet::new(),
     };
+    let services: Vec<(&String, &Arc<crate::dynamic::Service>)> = match scope {
+        None => d.tcp.services.iter().collect(),
+        Some(c) => {
+            let mut v: Vec<_> = c
+                .services
+                .iter()
+                .filter_map(|n| d.tcp.services.get_key_value(*n))
+                .collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            v
+        }
+    };
+    let routers: Vec<(&String, &Arc<crate::dynamic::Router>)> = match scope {
+        None => d.tcp.routers.iter().collect(),
+        Some(c) => {
+            let mut v: Vec<_> = c
+                .routers
+                .iter()
+                .filter_map(|n| d.tcp.routers.get_key_value(*n))
+                .collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            v
+        }
+    };
+    let whole = scope.is_none();
 
     // Names.
-    let names: Vec<(ResourceKind, &String)> = d
-        .tcp
-        .routers
-        .keys()
-        .map(|n| (Router, n))
-        .chain(d.tcp.services.keys().map(|n| (Service, n)))
-        .chain(d.tcp.middlewares.keys().map(|n| (Middleware, n)))
+    let names: Vec<(ResourceKind, &String)> = routers
+        .iter()
+        .map(|(n, _)| (Router, *n))
+        .chain(services.iter().map(|(n, _)| (Service, *n)))
+        .chain(
+            d.tcp
+                .middlewares
+                .keys()
+                .filter(|_| whole)
+                .map(|n| (Middleware, n)),
+        )
         .chain(
             d.tcp
                 .servers_transports
                 .keys()
+                .filter(|_| whole)
                 .map(|n| (ServersTransport, n)),
         )
         .collect();
@@ -465,14 +589,14 @@ fn check_all(
     }
 
     // Servers transports.
-    for (name, t) in &d.tcp.servers_transports {
+    for (name, t) in d.tcp.servers_transports.iter().filter(|_| whole) {
         for p in check_transport(t) {
             v.error(ServersTransport, name, Some(p.key), p.message);
         }
     }
 
     // Middlewares.
-    for (name, m) in &d.tcp.middlewares {
+    for (name, m) in d.tcp.middlewares.iter().filter(|_| whole) {
         match (&m.ip_allow_list, &m.in_flight_conn) {
             (None, None) => v.error(
                 Middleware,
@@ -525,12 +649,12 @@ fn check_all(
     }
 
     // Services: own values.
-    for (name, s) in &d.tcp.services {
+    for &(name, s) in &services {
         check_service(&mut v, name, s);
     }
 
     // Services: references, in dependency order (fixpoint), with cycles.
-    for (name, s) in &d.tcp.services {
+    for &(name, s) in &services {
         if s.weighted.is_some()
             && let Some(cycle) = find_cycle(d, name)
         {
@@ -544,7 +668,7 @@ fn check_all(
     }
     loop {
         let mut changed = false;
-        for (name, s) in &d.tcp.services {
+        for &(name, s) in &services {
             if v.is_broken(Service, name) {
                 continue;
             }
@@ -600,12 +724,12 @@ fn check_all(
     }
 
     // Routers.
-    for (name, r) in &d.tcp.routers {
+    for &(name, r) in &routers {
         check_router(&mut v, name, r, st);
     }
 
     // TLS.
-    for (i, c) in d.tls.certificates.iter().enumerate() {
+    for (i, c) in d.tls.certificates.iter().enumerate().filter(|_| whole) {
         let n = i.to_string();
         for (key, f) in [("certFile", &c.cert_file), ("keyFile", &c.key_file)] {
             if f.0.trim().is_empty() {
@@ -620,7 +744,7 @@ fn check_all(
             }
         }
     }
-    for (name, o) in &d.tls.options {
+    for (name, o) in d.tls.options.iter().filter(|_| whole) {
         for (key, val) in [
             ("minVersion", &o.min_version),
             ("maxVersion", &o.max_version),
@@ -711,7 +835,7 @@ fn check_all(
     }
 
     // Routers referencing broken TLS options.
-    for (name, r) in &d.tcp.routers {
+    for &(name, r) in &routers {
         if v.is_broken(Router, name) {
             continue;
         }

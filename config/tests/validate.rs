@@ -519,7 +519,8 @@ fn merge_cache_shares_what_a_provider_did_not_change() {
         },
     );
     let mut cache = MergeCache::default();
-    let first = cache.merge(&[("file", &f), ("consulcatalog", &c)]);
+    let (f, c) = (Arc::new(f), Arc::new(c));
+    let first = cache.merge_shared(&[("file", f.clone()), ("consulcatalog", c.clone())]);
     assert_eq!(first, merge(&[("file", &f), ("consulcatalog", &c)]));
     assert_eq!(first.tcp.routers["r@file"].service, "s@file");
     assert!(
@@ -528,7 +529,7 @@ fn merge_cache_shares_what_a_provider_did_not_change() {
     );
 
     // The Consul provider changes one service; the file provider publishes the same output.
-    let mut c2 = c.clone();
+    let mut c2 = (*c).clone();
     c2.tcp
         .services
         .get_mut("db")
@@ -538,7 +539,8 @@ fn merge_cache_shares_what_a_provider_did_not_change() {
         .unwrap()
         .servers[0]
         .address = "127.0.0.1:3".into();
-    let second = cache.merge(&[("file", &f), ("consulcatalog", &c2)]);
+    let c2 = Arc::new(c2);
+    let second = cache.merge_shared(&[("file", f.clone()), ("consulcatalog", c2.clone())]);
     assert!(Arc::ptr_eq(
         &first.tcp.routers["r@file"],
         &second.tcp.routers["r@file"]
@@ -557,8 +559,142 @@ fn merge_cache_shares_what_a_provider_did_not_change() {
     ));
     assert_eq!(second, merge(&[("file", &f), ("consulcatalog", &c2)]));
 
+    // A resource the provider drops goes; one it adds comes.
+    let mut c3 = (*c2).clone();
+    c3.tcp.routers.remove("db");
+    c3.tcp.routers.insert(
+        "db2".into(),
+        Router {
+            rule: "HostSNI(`db2`)".into(),
+            service: "db".into(),
+            ..Default::default()
+        },
+    );
+    let c3 = Arc::new(c3);
+    let after = cache.merge_shared(&[("file", f.clone()), ("consulcatalog", c3.clone())]);
+    assert_eq!(after, merge(&[("file", &f), ("consulcatalog", &c3)]));
+    assert_eq!(
+        after.tcp.routers["db2@consulcatalog"].service,
+        "db@consulcatalog"
+    );
+
     // A provider that is gone takes its resources with it.
-    let third = cache.merge(&[("file", &f)]);
+    let third = cache.merge_shared(&[("file", f.clone())]);
     assert!(!third.tcp.routers.contains_key("db@consulcatalog"));
     assert_eq!(third, merge(&[("file", &f)]));
+}
+
+#[test]
+fn checking_only_the_changes_agrees_with_checking_everything() {
+    let st = static_with(&["tcp"]);
+    let lb = |addr: &str| Service {
+        load_balancer: Some(LoadBalancer {
+            servers: vec![Server {
+                address: addr.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        weighted: None,
+    };
+    let router = |rule: &str, svc: &str| Router {
+        rule: rule.into(),
+        service: svc.into(),
+        ..Default::default()
+    };
+    let mut d = Dynamic::default();
+    for i in 0..5 {
+        d.tcp
+            .services
+            .insert(format!("s{i}@c"), lb(&format!("127.0.0.1:{}", 100 + i)));
+        d.tcp.routers.insert(
+            format!("r{i}@c"),
+            router(&format!("ClientIP(`127.0.0.{i}`)"), &format!("s{i}@c")),
+        );
+    }
+    d.tcp.services.insert(
+        "w@c".into(),
+        Service {
+            load_balancer: None,
+            weighted: Some(Weighted {
+                services: vec![WeightedService {
+                    name: "s0@c".into(),
+                    weight: None,
+                }],
+            }),
+        },
+    );
+    d.tcp
+        .routers
+        .insert("rw@c".into(), router("HostSNI(`*`)", "w@c"));
+    let steps: Vec<(&str, Box<dyn Fn(&mut Dynamic)>)> = vec![
+        (
+            "a server moves",
+            Box::new(move |d| {
+                d.tcp.services.insert("s1@c".into(), lb("127.0.0.1:201"));
+            }),
+        ),
+        (
+            "a weighted child breaks",
+            Box::new(move |d| {
+                d.tcp.services.insert("s0@c".into(), lb("no-port"));
+            }),
+        ),
+        (
+            "it is fixed",
+            Box::new(move |d| {
+                d.tcp.services.insert("s0@c".into(), lb("127.0.0.1:300"));
+            }),
+        ),
+        (
+            "a service goes",
+            Box::new(|d| {
+                d.tcp.services.remove("s2@c");
+            }),
+        ),
+        (
+            "it comes back",
+            Box::new(move |d| {
+                d.tcp.services.insert("s2@c".into(), lb("127.0.0.1:102"));
+            }),
+        ),
+        (
+            "a rule breaks, a router comes",
+            Box::new(move |d| {
+                d.tcp
+                    .routers
+                    .insert("r3@c".into(), router("HostSNI(", "s3@c"));
+                d.tcp
+                    .routers
+                    .insert("r9@c".into(), router("HostSNI(`*`)", "s4@c"));
+            }),
+        ),
+        ("nothing changes", Box::new(|_| {})),
+        (
+            "the rule is fixed",
+            Box::new(move |d| {
+                d.tcp
+                    .routers
+                    .insert("r3@c".into(), router("HostSNI(`*`)", "s3@c"));
+            }),
+        ),
+        (
+            "a router names an unknown entry point",
+            Box::new(move |d| {
+                let mut r = router("HostSNI(`*`)", "s4@c");
+                r.entry_points = vec!["nope".into()];
+                d.tcp.routers.insert("r4@c".into(), r);
+            }),
+        ),
+    ];
+    let mut prev = validate_changes(d.clone(), &st, None);
+    assert_eq!(prev, validate(&d, &st));
+    for (what, step) in steps {
+        step(&mut d);
+        let next = validate_changes(d.clone(), &st, Some((&prev.config, &prev.errors)));
+        let full = validate(&d, &st);
+        assert_eq!(errors_of(&next), errors_of(&full), "after: {what}");
+        assert_eq!(next.config, full.config, "after: {what}");
+        prev = next;
+    }
 }

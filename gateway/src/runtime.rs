@@ -298,47 +298,6 @@ pub fn compile_shared(
     (tables, errors)
 }
 
-/// The names `a` and `b` disagree on (added, removed or changed), walking both in order: a
-/// pointer comparison per shared resource.
-fn changed_names<'a, T: PartialEq>(
-    a: &'a tagway_config::Resources<T>,
-    b: &'a tagway_config::Resources<T>,
-) -> HashSet<&'a str> {
-    let mut out = HashSet::new();
-    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
-    loop {
-        match (ia.peek(), ib.peek()) {
-            (None, None) => break,
-            (Some((k, _)), None) => {
-                out.insert(k.as_str());
-                ia.next();
-            }
-            (None, Some((k, _))) => {
-                out.insert(k.as_str());
-                ib.next();
-            }
-            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    out.insert(ka.as_str());
-                    ia.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.insert(kb.as_str());
-                    ib.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if !tagway_config::resources::same(va, vb) {
-                        out.insert(ka.as_str());
-                    }
-                    ia.next();
-                    ib.next();
-                }
-            },
-        }
-    }
-    out
-}
-
 /// Compiles only what changed since `prev` was compiled: the routers and services whose
 /// configuration differs, the routers whose service changed and the weighted services over a
 /// changed service; everything else is taken from `prev` as is. `None` when a change reaches
@@ -352,47 +311,19 @@ fn compile_changes(
     let src = prev.source.as_deref()?;
     if prev.health.len() > 0
         || prev.transports.is_none()
-        || src.tls != dynamic.tls
-        || src.tcp.middlewares != dynamic.tcp.middlewares
-        || src.tcp.servers_transports != dynamic.tcp.servers_transports
+        || !tagway_config::resources::Changes::confined(src, dynamic)
     {
         return None;
     }
-    let mut services = changed_names(&src.tcp.services, &dynamic.tcp.services);
-    // Weighted services over a changed service change with it.
-    let weighted: Vec<(&String, &tagway_config::Weighted)> = dynamic
+    let tagway_config::resources::Changes { routers, services } =
+        tagway_config::resources::Changes::between(src, dynamic);
+    let weighted: Vec<&String> = dynamic
         .tcp
         .services
         .iter()
-        .filter_map(|(n, s)| s.weighted.as_ref().map(|w| (n, w)))
+        .filter(|(_, s)| s.weighted.is_some())
+        .map(|(n, _)| n)
         .collect();
-    loop {
-        let before = services.len();
-        for (n, w) in &weighted {
-            if w.services
-                .iter()
-                .any(|ws| services.contains(ws.name.as_str()))
-            {
-                services.insert(n.as_str());
-            }
-        }
-        if services.len() == before {
-            break;
-        }
-    }
-    let mut routers = changed_names(&src.tcp.routers, &dynamic.tcp.routers);
-    if !services.is_empty() {
-        for (n, r) in &src.tcp.routers {
-            if services.contains(r.service.as_str()) {
-                routers.insert(n.as_str());
-            }
-        }
-        for (n, r) in &dynamic.tcp.routers {
-            if services.contains(r.service.as_str()) {
-                routers.insert(n.as_str());
-            }
-        }
-    }
 
     let mut cx = Ctx {
         dynamic,
@@ -507,8 +438,8 @@ fn compile_changes(
     }
     let mut stack: Vec<&str> = weighted
         .iter()
-        .filter(|(n, _)| reached.contains(n.as_str()))
-        .map(|(n, _)| n.as_str())
+        .filter(|n| reached.contains(n.as_str()))
+        .map(|n| n.as_str())
         .collect();
     while let Some(n) = stack.pop() {
         if let Some(w) = dynamic

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tagway_config::{
-    Dynamic, LogFormat, MergeCache, StaticConfig, Validated, load_static, validate_owned,
+    Dynamic, LogFormat, MergeCache, ResourceError, StaticConfig, Validated, load_static,
+    validate_changes,
 };
 use tagway_provider_consul::ConsulProvider;
 use tagway_transport::{IdentitySource, SourceKind};
@@ -72,16 +73,21 @@ impl Providers {
 
 /// Merges and validates provider outputs, logging each error and one summary line.
 pub fn apply(st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
-    apply_with(&mut MergeCache::default(), st, parts)
+    let t0 = std::time::Instant::now();
+    let merged = MergeCache::default().merge(parts);
+    apply_with(merged, t0, st, None)
 }
 
-/// [`apply`] reusing what `cache` merged last time for the resources the providers did not
-/// change.
-fn apply_with(cache: &mut MergeCache, st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
-    let t0 = std::time::Instant::now();
-    let merged = cache.merge(parts);
+/// Validates `merged` (merged from `t0` on), checking only what changed since `prev` (the last
+/// result) when it can, and logs like [`apply`].
+fn apply_with(
+    merged: Dynamic,
+    t0: std::time::Instant,
+    st: &StaticConfig,
+    prev: Option<(&Dynamic, &[ResourceError])>,
+) -> Validated {
     let t1 = std::time::Instant::now();
-    let v = validate_owned(merged, st);
+    let v = validate_changes(merged, st, prev);
     tracing::debug!(
         target: "tagway::timing",
         merge_us = (t1 - t0).as_micros() as u64,
@@ -148,6 +154,7 @@ pub fn combine_sources(
         sources.into_iter().map(|s| (s.name, s.rx)).collect();
     let obs_current = obs.clone();
     let mut cache = MergeCache::default();
+    let mut last: Option<(Arc<Dynamic>, Vec<ResourceError>)> = None;
     let mut current = move |sources: &[(String, watch::Receiver<Arc<Dynamic>>)]| {
         // Taken before reading the outputs: what this merge is sure to include.
         let mark = obs_current.as_ref().map(Observability::mark);
@@ -155,15 +162,20 @@ pub fn combine_sources(
             .iter()
             .map(|(n, rx)| (n.clone(), rx.borrow().clone()))
             .collect();
-        let parts: Vec<(&str, &Dynamic)> = snapshot
+        let parts: Vec<(&str, Arc<Dynamic>)> = snapshot
             .iter()
-            .map(|(n, d)| (n.as_str(), d.as_ref()))
+            .map(|(n, d)| (n.as_str(), d.clone()))
             .collect();
-        let v = apply_with(&mut cache, &st, &parts);
+        let t0 = std::time::Instant::now();
+        let merged = cache.merge_shared(&parts);
+        let prev = last.as_ref().map(|(d, e)| (&**d, e.as_slice()));
+        let v = apply_with(merged, t0, &st, prev);
         if let Some(o) = &obs_current {
             o.validated(&v.errors);
         }
-        (Arc::new(v.config), mark)
+        let config = Arc::new(v.config);
+        last = Some((config.clone(), v.errors));
+        (config, mark)
     };
     let (first, mark) = current(&sources);
     if let (Some(o), Some(mark)) = (&obs, mark) {

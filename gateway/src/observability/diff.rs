@@ -4,7 +4,7 @@
 use std::fmt;
 
 use tagway_config::Dynamic;
-use tagway_config::resources::{Resources, same};
+use tagway_config::resources::{Change, Resources, diff};
 
 /// Names added, removed and changed for one kind of resource.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,19 +21,14 @@ impl KindDiff {
     fn of<T: PartialEq>(prev: Option<&Resources<T>>, next: &Resources<T>) -> Self {
         let mut d = KindDiff::default();
         let empty = Resources::new();
-        let prev = prev.unwrap_or(&empty);
-        for (k, v) in next {
-            match prev.get(k) {
-                None => d.added.push(k.clone()),
-                Some(p) if !same(p, v) => d.changed.push(k.clone()),
-                Some(_) => {}
-            }
-        }
-        d.removed = prev
-            .keys()
-            .filter(|k| !next.contains_key(*k))
-            .cloned()
-            .collect();
+        diff(prev.unwrap_or(&empty), next, |name, change| {
+            let list = match change {
+                Change::Added => &mut d.added,
+                Change::Removed => &mut d.removed,
+                Change::Changed => &mut d.changed,
+            };
+            list.push(name.to_owned());
+        });
         d
     }
 
