@@ -309,7 +309,7 @@ fn compile_changes(
     prev: &Tables,
 ) -> Option<Tables> {
     let src = prev.source.as_deref()?;
-    if prev.health.len() > 0
+    if !prev.health.is_empty()
         || prev.transports.is_none()
         || !tagway_config::resources::Changes::confined(src, dynamic)
     {
