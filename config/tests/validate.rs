@@ -627,7 +627,8 @@ fn checking_only_the_changes_agrees_with_checking_everything() {
     d.tcp
         .routers
         .insert("rw@c".into(), router("HostSNI(`*`)", "w@c"));
-    let steps: Vec<(&str, Box<dyn Fn(&mut Dynamic)>)> = vec![
+    type Step = Box<dyn Fn(&mut Dynamic)>;
+    let steps: Vec<(&str, Step)> = vec![
         (
             "a server moves",
             Box::new(move |d| {
