@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -55,18 +56,26 @@ impl Bounds for ConnectionBuckets {
 }
 
 /// A histogram with fixed buckets (`B`), recorded with atomics.
+///
+/// Its buckets are allocated at the first observation: a gateway with 10,000s of servers keeps
+/// two pointers for each server that never carried a connection, not two sets of buckets.
 pub struct Histogram<B> {
+    buckets: OnceLock<Box<Buckets>>,
+    _bounds: PhantomData<B>,
+}
+
+/// The atomics of a histogram.
+#[derive(Default)]
+struct Buckets {
     /// Per-bucket counts (not cumulative); index `B::MICROS.len()` is the overflow (`+Inf` only).
     counts: [AtomicU64; MAX_BUCKETS + 1],
     sum_micros: AtomicU64,
-    _bounds: PhantomData<B>,
 }
 
 impl<B> Default for Histogram<B> {
     fn default() -> Self {
         Histogram {
-            counts: Default::default(),
-            sum_micros: AtomicU64::new(0),
+            buckets: OnceLock::new(),
             _bounds: PhantomData,
         }
     }
@@ -76,14 +85,22 @@ impl<B> fmt::Debug for Histogram<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Histogram")
             .field("count", &self.count_slow())
-            .field("sum_micros", &self.sum_micros.load(Ordering::Relaxed))
+            .field(
+                "sum_micros",
+                &self
+                    .buckets
+                    .get()
+                    .map_or(0, |b| b.sum_micros.load(Ordering::Relaxed)),
+            )
             .finish()
     }
 }
 
 impl<B> Histogram<B> {
     fn count_slow(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.buckets.get().map_or(0, |b| {
+            b.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        })
     }
 }
 
@@ -107,8 +124,9 @@ impl<B: Bounds> Histogram<B> {
             .iter()
             .position(|b| us <= *b)
             .unwrap_or(B::MICROS.len());
-        self.counts[idx.min(MAX_BUCKETS)].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(us, Ordering::Relaxed);
+        let b = self.buckets.get_or_init(Box::default);
+        b.counts[idx.min(MAX_BUCKETS)].fetch_add(1, Ordering::Relaxed);
+        b.sum_micros.fetch_add(us, Ordering::Relaxed);
     }
 
     /// Number of observations.
@@ -118,17 +136,26 @@ impl<B: Bounds> Histogram<B> {
 
     /// Reads the histogram (cumulative buckets, as Prometheus wants them).
     pub fn snapshot(&self) -> HistogramSnapshot {
+        let read = |i: usize| {
+            self.buckets
+                .get()
+                .map_or(0, |b| b.counts[i].load(Ordering::Relaxed))
+        };
         let mut buckets = Vec::with_capacity(B::MICROS.len());
         let mut cumulative = 0u64;
         for (i, b) in B::MICROS.iter().enumerate().take(MAX_BUCKETS) {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
+            cumulative += read(i);
             buckets.push((*b as f64 / 1e6, cumulative));
         }
-        let overflow = self.counts[B::MICROS.len().min(MAX_BUCKETS)].load(Ordering::Relaxed);
+        let overflow = read(B::MICROS.len().min(MAX_BUCKETS));
+        let sum = self
+            .buckets
+            .get()
+            .map_or(0, |b| b.sum_micros.load(Ordering::Relaxed));
         HistogramSnapshot {
             buckets,
             count: cumulative + overflow,
-            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            sum_seconds: sum as f64 / 1e6,
         }
     }
 }
@@ -227,6 +254,23 @@ impl FailureCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_allocates_its_buckets_at_the_first_observation() {
+        let h = Histogram::<DialBuckets>::default();
+        assert!(h.buckets.get().is_none());
+        let empty = h.snapshot();
+        assert_eq!(empty.count, 0);
+        assert_eq!(empty.buckets.len(), DialBuckets::MICROS.len());
+        assert!(empty.buckets.iter().all(|(_, c)| *c == 0));
+        h.observe(Duration::from_micros(700));
+        assert!(h.buckets.get().is_some());
+        let one = h.snapshot();
+        assert_eq!(one.count, 1);
+        assert_eq!(one.buckets[0].1, 0, "700 µs is above the 500 µs bucket");
+        assert_eq!(one.buckets[1].1, 1);
+        assert!(std::mem::size_of::<Histogram<DialBuckets>>() <= 16);
+    }
 
     #[test]
     fn indices_follow_all() {
