@@ -204,7 +204,7 @@ impl Blocking {
             let changed = classify(self.index, meta);
             let endpoint = || client.url(segments).to_string();
             let timeout = client.timeout_for(&opts);
-            let body = resp.bytes().await.map_err(|source| {
+            let body = read_body(resp).await.map_err(|source| {
                 if source.is_timeout() {
                     ClientError::Timeout {
                         endpoint: endpoint(),
@@ -260,6 +260,20 @@ fn classify(index: u64, meta: QueryMeta) -> Observed {
         Some(n) if n != 0 && n == index => Observed::Unchanged,
         _ => Observed::Changed,
     }
+}
+
+/// The whole body of `resp`, copied chunk by chunk into one buffer sized from
+/// `Content-Length`: a 10 MB answer (every check of a large catalog) is held once, not once in
+/// the received chunks and once more collected.
+async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    /// Larger announced lengths grow as the body arrives instead of being reserved up front.
+    const MAX_RESERVE: u64 = 64 << 20;
+    let reserve = resp.content_length().unwrap_or(0).min(MAX_RESERVE);
+    let mut body = Vec::with_capacity(usize::try_from(reserve).unwrap_or(0));
+    while let Some(chunk) = resp.chunk().await? {
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[cfg(test)]
