@@ -416,6 +416,18 @@ fn release_freed_memory() {
     }
 }
 
+/// Large allocations (an answer of every check of a 10,000-service catalog is ~10 MB) are
+/// mapped and unmapped on their own instead of coming from the heap: glibc otherwise raises its
+/// mmap threshold after freeing the first one, later ones land in the heap, and the resident
+/// size stays at the high-water mark of the largest answer. Called once at start.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; M_MMAP_THRESHOLD takes a size in bytes.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// The runtime to call [`Gateway::run`] on: a single-thread (current-thread) runtime. The gateway
 /// itself starts `Options::workers - 1` more threads (default `TOKIO_WORKER_THREADS`, else one per
 /// CPU), each with its own single-thread runtime and its own SO_REUSEPORT listeners: no

@@ -377,6 +377,7 @@ pub fn main(path: &Path) -> ExitCode {
     init_tracing(&st);
     // A single-thread runtime: the data plane adds its own worker threads (one per CPU, or
     // TOKIO_WORKER_THREADS), each with its own runtime and listeners.
+    crate::server::tune_allocator();
     let rt = match crate::server::build_runtime() {
         Ok(rt) => rt,
         Err(e) => {
