@@ -515,6 +515,21 @@ fn remove_broken(
     Validated { config, errors }
 }
 
+/// The resources of `map` (with `names`, only those, in name order).
+fn in_scope<'a, T>(
+    map: &'a Resources<T>,
+    names: Option<&std::collections::HashSet<&str>>,
+) -> Vec<(&'a String, &'a Arc<T>)> {
+    match names {
+        None => map.iter().collect(),
+        Some(names) => {
+            let mut v: Vec<_> = names.iter().filter_map(|n| map.get_key_value(*n)).collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            v
+        }
+    }
+}
+
 /// The errors of `d` and the resources they break; with a `scope`, only of the routers and
 /// services it names (the rest is known to be valid).
 fn check_all(
@@ -528,30 +543,8 @@ fn check_all(
         errors: Vec::new(),
         broken: BTreeSet::new(),
     };
-    let services: Vec<(&String, &Arc<crate::dynamic::Service>)> = match scope {
-        None => d.tcp.services.iter().collect(),
-        Some(c) => {
-            let mut v: Vec<_> = c
-                .services
-                .iter()
-                .filter_map(|n| d.tcp.services.get_key_value(*n))
-                .collect();
-            v.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            v
-        }
-    };
-    let routers: Vec<(&String, &Arc<crate::dynamic::Router>)> = match scope {
-        None => d.tcp.routers.iter().collect(),
-        Some(c) => {
-            let mut v: Vec<_> = c
-                .routers
-                .iter()
-                .filter_map(|n| d.tcp.routers.get_key_value(*n))
-                .collect();
-            v.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            v
-        }
-    };
+    let services = in_scope(&d.tcp.services, scope.map(|c| &c.services));
+    let routers = in_scope(&d.tcp.routers, scope.map(|c| &c.routers));
     let whole = scope.is_none();
 
     // Names.

@@ -372,25 +372,7 @@ fn compile_changes(
         };
         match compile_router(&mut cx, &middlewares, &prev.tls, name, r) {
             Ok(route) => {
-                let unknown: Vec<&str> = r
-                    .entry_points
-                    .iter()
-                    .filter(|ep| !static_cfg.entry_points.contains_key(*ep))
-                    .map(String::as_str)
-                    .collect();
-                if !unknown.is_empty() {
-                    let mut u = unknown;
-                    u.sort_unstable();
-                    u.dedup();
-                    cx.errors.push(CompileError {
-                        kind: "router",
-                        name: name.clone(),
-                        message: format!(
-                            "entry point(s) {} not in the static configuration (adding entry points needs a restart)",
-                            u.join(", ")
-                        ),
-                    });
-                }
+                cx.errors.extend(unknown_entry_points(name, r, static_cfg));
                 new_routers.insert(name.clone(), route);
             }
             Err(message) => cx.errors.push(CompileError {
@@ -424,17 +406,7 @@ fn compile_changes(
             continue;
         };
         reached.insert(r.service.as_str());
-        if r.entry_points.is_empty() {
-            for v in per_ep.values_mut() {
-                v.push(route.clone());
-            }
-        } else {
-            for ep in &r.entry_points {
-                if let Some(v) = per_ep.get_mut(ep) {
-                    v.push(route.clone());
-                }
-            }
-        }
+        add_to_entry_points(&mut per_ep, r, route);
     }
     let mut stack: Vec<&str> = weighted
         .iter()
@@ -596,32 +568,8 @@ pub fn compile(
                 continue;
             }
         };
-        let eps: Vec<String> = if r.entry_points.is_empty() {
-            per_ep.keys().cloned().collect()
-        } else {
-            r.entry_points.clone()
-        };
-        let mut unknown = HashSet::new();
-        for ep in eps {
-            match per_ep.get_mut(&ep) {
-                Some(v) => v.push(route.clone()),
-                None => {
-                    unknown.insert(ep);
-                }
-            }
-        }
-        if !unknown.is_empty() {
-            let mut u: Vec<_> = unknown.into_iter().collect();
-            u.sort();
-            cx.errors.push(CompileError {
-                kind: "router",
-                name: name.clone(),
-                message: format!(
-                    "entry point(s) {} not in the static configuration (adding entry points needs a restart)",
-                    u.join(", ")
-                ),
-            });
-        }
+        add_to_entry_points(&mut per_ep, r, &route);
+        cx.errors.extend(unknown_entry_points(name, r, static_cfg));
         routers.insert(name.clone(), route);
     }
     let services = cx
@@ -649,6 +597,52 @@ pub fn compile(
         errors: Vec::new(),
     };
     (tables, cx.errors)
+}
+
+/// Adds `route` to the tables of the entry points `r` names (every one when it names none).
+fn add_to_entry_points<K: Ord + std::borrow::Borrow<String>>(
+    per_ep: &mut BTreeMap<K, Vec<Arc<Route>>>,
+    r: &tagway_config::Router,
+    route: &Arc<Route>,
+) {
+    if r.entry_points.is_empty() {
+        for v in per_ep.values_mut() {
+            v.push(route.clone());
+        }
+    } else {
+        for ep in &r.entry_points {
+            if let Some(v) = per_ep.get_mut(ep) {
+                v.push(route.clone());
+            }
+        }
+    }
+}
+
+/// The error of a router naming entry points the static configuration does not have.
+fn unknown_entry_points(
+    name: &str,
+    r: &tagway_config::Router,
+    static_cfg: &StaticConfig,
+) -> Option<CompileError> {
+    let mut unknown: Vec<&str> = r
+        .entry_points
+        .iter()
+        .filter(|ep| !static_cfg.entry_points.contains_key(*ep))
+        .map(String::as_str)
+        .collect();
+    if unknown.is_empty() {
+        return None;
+    }
+    unknown.sort_unstable();
+    unknown.dedup();
+    Some(CompileError {
+        kind: "router",
+        name: name.to_owned(),
+        message: format!(
+            "entry point(s) {} not in the static configuration (adding entry points needs a restart)",
+            unknown.join(", ")
+        ),
+    })
 }
 
 fn compile_router(
