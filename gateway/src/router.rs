@@ -121,6 +121,20 @@ impl Ordered {
         }
     }
 
+    /// The same table with some routes swapped for others of the same name, rule and
+    /// priority (positions and index stay valid).
+    fn replaced(&self, with: &HashMap<&str, Arc<Route>>) -> Ordered {
+        Ordered {
+            routes: self
+                .routes
+                .iter()
+                .map(|r| with.get(&*r.name).unwrap_or(r).clone())
+                .collect(),
+            by_name: self.by_name.clone(),
+            other: self.other.clone(),
+        }
+    }
+
     /// The first route (in priority order) whose rule matches.
     fn find(&self, c: &ConnInfo<'_>) -> Option<&Arc<Route>> {
         // An indexed rule matches exactly when its name list holds the SNI: the first position
@@ -165,6 +179,16 @@ impl EntryTable {
         EntryTable {
             tls_routes: Ordered::new(tls_routes),
             plain_routes: Ordered::new(plain_routes),
+        }
+    }
+
+    /// This table with the routes named in `with` swapped for the given ones, which must have
+    /// the same rule, priority and TLS mode (a router recompiled because its service changed):
+    /// no sorting nor indexing again.
+    pub fn replaced(&self, with: &HashMap<&str, Arc<Route>>) -> EntryTable {
+        EntryTable {
+            tls_routes: self.tls_routes.replaced(with),
+            plain_routes: self.plain_routes.replaced(with),
         }
     }
 

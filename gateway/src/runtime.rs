@@ -398,42 +398,65 @@ fn compile_changes(
         }
     }
     new_servers.extend(cx.servers);
-    let mut reached: HashSet<&str> = HashSet::with_capacity(new_services.len());
-    let mut per_ep: BTreeMap<&String, Vec<Arc<Route>>> =
-        entry_points.iter().map(|k| (*k, Vec::new())).collect();
-    for (n, r) in &dynamic.tcp.routers {
-        let Some(route) = new_routers.get(n) else {
-            continue;
-        };
-        reached.insert(r.service.as_str());
-        add_to_entry_points(&mut per_ep, r, route);
-    }
-    let mut stack: Vec<&str> = weighted
-        .iter()
-        .filter(|n| reached.contains(n.as_str()))
-        .map(|n| n.as_str())
-        .collect();
-    while let Some(n) = stack.pop() {
-        if let Some(w) = dynamic
-            .tcp
-            .services
-            .get(n)
-            .and_then(|s| s.weighted.as_ref())
-        {
-            for ws in &w.services {
-                if reached.insert(ws.name.as_str()) {
-                    stack.push(ws.name.as_str());
+    // Same layout: every touched router has the configuration it had (it was recompiled because
+    // its service changed) and compiled both times, and no weighted service was touched. Then
+    // the entry tables keep their order and index, and every service stays reached.
+    let same_layout = routers.iter().all(|n| {
+        same_opt(src.tcp.routers.get(*n), dynamic.tcp.routers.get(*n))
+            && prev.routers.contains_key(*n)
+            && new_routers.contains_key(*n)
+    }) && services.iter().all(|n| {
+        let weighted = |d: &Dynamic| d.tcp.services.get(*n).is_some_and(|s| s.weighted.is_some());
+        !weighted(src) && !weighted(dynamic)
+    });
+    let entry_tables = if same_layout {
+        let with: HashMap<&str, Arc<Route>> = routers
+            .iter()
+            .filter_map(|n| new_routers.get(*n).map(|r| (*n, r.clone())))
+            .collect();
+        prev.entry_points
+            .iter()
+            .map(|(k, t)| (k.clone(), t.replaced(&with)))
+            .collect()
+    } else {
+        let mut reached: HashSet<&str> = HashSet::with_capacity(new_services.len());
+        let mut per_ep: BTreeMap<&String, Vec<Arc<Route>>> =
+            entry_points.iter().map(|k| (*k, Vec::new())).collect();
+        for (n, r) in &dynamic.tcp.routers {
+            let Some(route) = new_routers.get(n) else {
+                continue;
+            };
+            reached.insert(r.service.as_str());
+            add_to_entry_points(&mut per_ep, r, route);
+        }
+        let mut stack: Vec<&str> = weighted
+            .iter()
+            .filter(|n| reached.contains(n.as_str()))
+            .map(|n| n.as_str())
+            .collect();
+        while let Some(n) = stack.pop() {
+            if let Some(w) = dynamic
+                .tcp
+                .services
+                .get(n)
+                .and_then(|s| s.weighted.as_ref())
+            {
+                for ws in &w.services {
+                    if reached.insert(ws.name.as_str()) {
+                        stack.push(ws.name.as_str());
+                    }
                 }
             }
         }
-    }
-    new_services.retain(|n, _| reached.contains(n.as_str()));
-    new_servers.retain(|n, _| reached.contains(n.as_str()));
-    Some(Tables {
-        entry_points: per_ep
+        new_services.retain(|n, _| reached.contains(n.as_str()));
+        new_servers.retain(|n, _| reached.contains(n.as_str()));
+        per_ep
             .into_iter()
             .map(|(k, v)| (k.clone(), EntryTable::new(v)))
-            .collect(),
+            .collect()
+    };
+    Some(Tables {
+        entry_points: entry_tables,
         tls: prev.tls.clone(),
         services: new_services,
         routers: new_routers,
