@@ -242,8 +242,18 @@ impl<'a> Changes<'a> {
         }
         let mut routers = changed_names(&prev.tcp.routers, &next.tcp.routers);
         if !services.is_empty() {
+            // A change usually touches one or two services: comparing with each is cheaper than
+            // hashing every router's service name.
+            let few: Vec<&str> = services.iter().copied().collect();
+            let touched = |s: &str| {
+                if few.len() <= 8 {
+                    few.contains(&s)
+                } else {
+                    services.contains(s)
+                }
+            };
             for (n, r) in prev.tcp.routers.iter().chain(next.tcp.routers.iter()) {
-                if services.contains(r.service.as_str()) {
+                if touched(&r.service) {
                     routers.insert(n.as_str());
                 }
             }
