@@ -142,7 +142,16 @@ pub async fn serve(
         && p.trusts(peer.ip())
     {
         trusted = true;
-        match proxy_in::read_header(&mut stream, peer, &mut buf, p.timeout).await {
+        // Boxed (like the peek, the untrusted check and TLS termination below): these paths are
+        // rare or costly anyway, and inline they would make every connection's task bigger.
+        match Box::pin(proxy_in::read_header(
+            &mut stream,
+            peer,
+            &mut buf,
+            p.timeout,
+        ))
+        .await
+        {
             Ok(Some(a)) => {
                 client = ClientAddrs {
                     source: a.src,
@@ -166,7 +175,14 @@ pub async fn serve(
         return;
     };
     let peeked = if table.needs_peek() {
-        match clienthello::peek(&mut stream, &mut buf, opts.peek_limit, opts.peek_timeout).await {
+        match Box::pin(clienthello::peek(
+            &mut stream,
+            &mut buf,
+            opts.peek_limit,
+            opts.peek_timeout,
+        ))
+        .await
+        {
             Ok(p) => p,
             Err(e) => {
                 EntryPointCounters::inc(&ep.counters.peek_errors);
@@ -202,6 +218,8 @@ pub async fn serve(
         return;
     };
     tally.routed(&route, sni);
+    // Not kept across the awaits below (it would take room in every connection's future).
+    drop(peeked);
     let _guards = match crate::middleware::apply(&route.middlewares, client.source.ip()) {
         Ok(g) => g,
         Err(r) => {
@@ -233,7 +251,10 @@ pub async fn serve(
             stream.local_addr().unwrap_or(peer)
         }
     };
-    let Some((pick, mut backend)) = dial(&route, client, &local, &opts, &mut tally).await else {
+    // Boxed: the dial's state (timers, connect, the transport's steps) is as large as the rest
+    // of this future; on the heap only while dialing, the connection's task stays small.
+    let Some((pick, mut backend)) = Box::pin(dial(&route, client, &local, &opts, &mut tally)).await
+    else {
         return;
     };
     tally.connected(&pick);
@@ -249,7 +270,15 @@ pub async fn serve(
         && !trusted
         && buf.is_empty()
     {
-        match untrusted_first_bytes(&mut stream, &mut backend, &mut buf, p.timeout, delay).await {
+        match Box::pin(untrusted_first_bytes(
+            &mut stream,
+            &mut backend,
+            &mut buf,
+            p.timeout,
+            delay,
+        ))
+        .await
+        {
             Ok(First::Data(n)) => early_to_client = n,
             Ok(First::Header(n)) => {
                 for c in sinks {
