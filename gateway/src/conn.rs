@@ -142,7 +142,16 @@ pub async fn serve(
         && p.trusts(peer.ip())
     {
         trusted = true;
-        match proxy_in::read_header(&mut stream, peer, &mut buf, p.timeout).await {
+        // Boxed (like the peek, the untrusted check and TLS termination below): these paths are
+        // rare or costly anyway, and inline they would make every connection's task bigger.
+        match Box::pin(proxy_in::read_header(
+            &mut stream,
+            peer,
+            &mut buf,
+            p.timeout,
+        ))
+        .await
+        {
             Ok(Some(a)) => {
                 client = ClientAddrs {
                     source: a.src,
@@ -160,48 +169,61 @@ pub async fn serve(
             }
         }
     }
-    let Some(table) = tables.entry_points.get(&*ep.name) else {
-        EntryPointCounters::inc(&ep.counters.unrouted);
-        tally.fail(Failure::NoRoute);
-        return;
-    };
-    let peeked = if table.needs_peek() {
-        match clienthello::peek(&mut stream, &mut buf, opts.peek_limit, opts.peek_timeout).await {
-            Ok(p) => p,
-            Err(e) => {
-                EntryPointCounters::inc(&ep.counters.peek_errors);
-                tally.fail(match e {
-                    clienthello::PeekError::Timeout { .. } => Failure::PeekTimeout,
-                    _ => Failure::PeekError,
-                });
-                tracing::debug!(entry_point = %ep.name, client = %client.source, error = %e, "ClientHello peek failed");
-                return;
+    // Routing, in a block: what it borrows (the table, the ClientHello, the rule's input) ends
+    // here instead of taking room in the connection's future until its end.
+    let (route, is_tls) = {
+        let Some(table) = tables.entry_points.get(&*ep.name) else {
+            EntryPointCounters::inc(&ep.counters.unrouted);
+            tally.fail(Failure::NoRoute);
+            return;
+        };
+        let peeked = if table.needs_peek() {
+            match Box::pin(clienthello::peek(
+                &mut stream,
+                &mut buf,
+                opts.peek_limit,
+                opts.peek_timeout,
+            ))
+            .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    EntryPointCounters::inc(&ep.counters.peek_errors);
+                    tally.fail(match e {
+                        clienthello::PeekError::Timeout { .. } => Failure::PeekTimeout,
+                        _ => Failure::PeekError,
+                    });
+                    tracing::debug!(entry_point = %ep.name, client = %client.source, error = %e, "ClientHello peek failed");
+                    return;
+                }
             }
+        } else {
+            Peeked::Plain
+        };
+        if ep.proxy_in.is_some() && !trusted && proxy_in::looks_like_header(&buf) && buf.len() >= 5
+        {
+            refuse_untrusted_header(&ep, &mut tally, peer);
+            return;
         }
-    } else {
-        Peeked::Plain
+        let (sni, alpn, is_tls) = match &peeked {
+            Peeked::Tls(h) => (h.sni.as_deref(), h.alpn.as_slice(), true),
+            Peeked::Plain => (None, &[][..], false),
+        };
+        let info = ConnInfo {
+            sni,
+            alpn,
+            client_ip: client.source.ip(),
+            tls: is_tls,
+        };
+        let Some(route) = table.route(&info).cloned() else {
+            EntryPointCounters::inc(&ep.counters.unrouted);
+            tally.fail(Failure::NoRoute);
+            tracing::debug!(entry_point = %ep.name, client = %client.source, sni = ?sni, tls = is_tls, "no router matches; closing");
+            return;
+        };
+        tally.routed(&route, sni);
+        (route, is_tls)
     };
-    if ep.proxy_in.is_some() && !trusted && proxy_in::looks_like_header(&buf) && buf.len() >= 5 {
-        refuse_untrusted_header(&ep, &mut tally, peer);
-        return;
-    }
-    let (sni, alpn, is_tls) = match &peeked {
-        Peeked::Tls(h) => (h.sni.as_deref(), h.alpn.as_slice(), true),
-        Peeked::Plain => (None, &[][..], false),
-    };
-    let info = ConnInfo {
-        sni,
-        alpn,
-        client_ip: client.source.ip(),
-        tls: is_tls,
-    };
-    let Some(route) = table.route(&info).cloned() else {
-        EntryPointCounters::inc(&ep.counters.unrouted);
-        tally.fail(Failure::NoRoute);
-        tracing::debug!(entry_point = %ep.name, client = %client.source, sni = ?sni, tls = is_tls, "no router matches; closing");
-        return;
-    };
-    tally.routed(&route, sni);
     let _guards = match crate::middleware::apply(&route.middlewares, client.source.ip()) {
         Ok(g) => g,
         Err(r) => {
@@ -233,7 +255,10 @@ pub async fn serve(
             stream.local_addr().unwrap_or(peer)
         }
     };
-    let Some((pick, mut backend)) = dial(&route, client, &local, &opts, &mut tally).await else {
+    // Boxed: the dial's state (timers, connect, the transport's steps) is as large as the rest
+    // of this future; on the heap only while dialing, the connection's task stays small.
+    let Some((pick, mut backend)) = Box::pin(dial(&route, client, &local, &opts, &mut tally)).await
+    else {
         return;
     };
     tally.connected(&pick);
@@ -249,7 +274,15 @@ pub async fn serve(
         && !trusted
         && buf.is_empty()
     {
-        match untrusted_first_bytes(&mut stream, &mut backend, &mut buf, p.timeout, delay).await {
+        match Box::pin(untrusted_first_bytes(
+            &mut stream,
+            &mut backend,
+            &mut buf,
+            p.timeout,
+            delay,
+        ))
+        .await
+        {
             Ok(First::Data(n)) => early_to_client = n,
             Ok(First::Header(n)) => {
                 for c in sinks {
@@ -292,12 +325,22 @@ pub async fn serve(
             c.add_bytes(initial, early_to_client);
         }
     }
+    // The copy engines are boxed too: their state is only needed once connected, and it would
+    // otherwise be added to every connection's future for all of its life.
     let (outcome, mut t) = match &mut backend {
         #[cfg(target_os = "linux")]
         BackendStream::Plain(b) if opts.splice => {
-            copy::copy_spliced(&mut stream, b, delay, &mut meter).await
+            Box::pin(copy::copy_spliced(&mut stream, b, delay, &mut meter)).await
         }
-        _ => copy::copy_buffered(&mut stream, &mut backend, delay, &mut meter).await,
+        _ => {
+            Box::pin(copy::copy_buffered(
+                &mut stream,
+                &mut backend,
+                delay,
+                &mut meter,
+            ))
+            .await
+        }
     };
     t.to_backend += initial;
     t.to_client += early_to_client;
@@ -482,10 +525,10 @@ async fn dial(
             source: client.source,
             destination: dst(),
         });
-        match transport
-            .dial(&pick.server.address, pick.server.tls, addrs)
-            .await
-        {
+        // Boxed on its own (as this future is by the caller): each stays small enough for the
+        // allocator's per-thread cache (glibc: up to 1032 bytes); one ~1 KiB block would take the
+        // allocator's slow path (and its consolidation of free chunks) on every connection.
+        match Box::pin(transport.dial(&pick.server.address, pick.server.tls, addrs)).await {
             Ok(s) => {
                 let took = start.elapsed();
                 pick.server.counters.dial_duration.observe(took);

@@ -292,10 +292,14 @@ pub async fn accept_loop<F, Fut>(
     };
     let mut conns: JoinSet<()> = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
+    // One `changed()` future for the whole loop: creating one per accept registers and removes
+    // a waiter on the channel every time.
+    if *stop.borrow_and_update() {
+        return;
+    }
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     'accept: loop {
-        if *stop.borrow() {
-            break;
-        }
         let permit = match &sem {
             None => None,
             Some(s) => tokio::select! {
@@ -303,13 +307,13 @@ pub async fn accept_loop<F, Fut>(
                     Ok(p) => Some(p),
                     Err(_) => break 'accept,
                 },
-                _ = stop.changed() => break 'accept,
+                _ = &mut stopped => break 'accept,
             },
         };
         let (stream, peer) = loop {
             tokio::select! {
                 biased;
-                _ = stop.changed() => break 'accept,
+                _ = &mut stopped => break 'accept,
                 res = listener.accept() => match res {
                     Ok(c) => break c,
                     Err(e) => {
@@ -317,7 +321,10 @@ pub async fn accept_loop<F, Fut>(
                         if is_resource_error(&e) {
                             tracing::warn!(entry_point = %name, error = %e, backoff = ?backoff,
                                 "accept failed: out of resources, backing off");
-                            tokio::time::sleep(backoff).await;
+                            tokio::select! {
+                                _ = &mut stopped => break 'accept,
+                                () = tokio::time::sleep(backoff) => {}
+                            }
                             backoff = (backoff * 2).min(Duration::from_secs(1));
                         } else {
                             tracing::debug!(entry_point = %name, error = %e, "accept failed");
@@ -331,10 +338,14 @@ pub async fn accept_loop<F, Fut>(
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let fut = handle(stream, peer);
-        conns.spawn(async move {
-            fut.await;
-            drop(permit);
-        });
+        match permit {
+            // The connection's future as it is: a wrapper would move it once more (it is large).
+            None => drop(conns.spawn(fut)),
+            Some(permit) => drop(conns.spawn(async move {
+                fut.await;
+                drop(permit);
+            })),
+        }
         // Reap the connections that ended since the last accept. Done here rather than by
         // waiting on `join_next` in the select above, so the accept task is not woken once per
         // closed connection (a measurable share of a short connection's cost).

@@ -163,16 +163,20 @@ impl Transport {
         client: Option<ClientAddrs>,
     ) -> Result<BackendStream, DialError> {
         let stage = Stage::default();
-        let steps = self.dial_steps(server, tls, client.as_ref(), &stage);
+        // The steps' future is built inside each arm: built before the match, it would be kept
+        // twice in this future (once alone, once inside the timeout).
         let result = match self.inner.dial_timeout {
-            Some(after) => match tokio::time::timeout(after, steps).await {
-                Ok(result) => result,
-                Err(_) => Err(DialErrorKind::Timeout {
-                    after,
-                    stage: stage.get(),
-                }),
-            },
-            None => steps.await,
+            Some(after) => {
+                let steps = self.dial_steps(server, tls, client.as_ref(), &stage);
+                match tokio::time::timeout(after, steps).await {
+                    Ok(result) => result,
+                    Err(_) => Err(DialErrorKind::Timeout {
+                        after,
+                        stage: stage.get(),
+                    }),
+                }
+            }
+            None => self.dial_steps(server, tls, client.as_ref(), &stage).await,
         };
         result.map_err(|kind| {
             let error = DialError::new(server, kind);
@@ -193,9 +197,25 @@ impl Transport {
         // Decide TLS before connecting, so that a missing identity fails fast.
         let tls = self.tls_for(tls)?;
         stage.set(DialStage::Resolve);
-        let addrs = resolve(host, port).await?;
+        // An IP literal (the common case) needs no lookup and no list; the lookup and the
+        // several-address connect are boxed so that they do not enlarge every dial's future.
+        let literal;
+        let looked_up;
+        let addrs: &[SocketAddr] = match host.parse::<IpAddr>() {
+            Ok(ip) => {
+                literal = SocketAddr::new(ip, port);
+                std::slice::from_ref(&literal)
+            }
+            Err(_) => {
+                looked_up = Box::pin(resolve(host, port)).await?;
+                &looked_up
+            }
+        };
         stage.set(DialStage::Connect);
-        let (mut tcp, peer) = self.connect_any(&addrs, deadline).await?;
+        let (mut tcp, peer) = match addrs {
+            [peer] => (self.connect_one(*peer).await?, *peer),
+            _ => Box::pin(self.connect_any(addrs, deadline)).await?,
+        };
         let header = match self.proxy {
             Some(version) => Some(
                 proxy_protocol::header(version, client)
@@ -210,6 +230,23 @@ impl Transport {
             }
             return Ok(BackendStream::Plain(tcp));
         };
+        // Boxed: the TLS handshake state is large (a rustls connection) and only TLS dials need
+        // it; inline it would make every connection's task that much bigger.
+        Box::pin(self.secure(tcp, peer, host, header, config, name, stage)).await
+    }
+
+    /// The TLS part of a dial: PROXY header before or inside TLS, handshake.
+    #[allow(clippy::too_many_arguments)]
+    async fn secure(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        host: &str,
+        header: Option<Vec<u8>>,
+        config: Arc<ClientConfig>,
+        name: NamePolicy,
+        stage: &Stage,
+    ) -> Result<BackendStream, DialErrorKind> {
         if let Some(header) = &header
             && self.placement == ProxyPlacement::BeforeTls
         {
@@ -254,6 +291,19 @@ impl Transport {
                 Err(source_kind) => Err(DialErrorKind::NoIdentity { source_kind }),
             },
         }
+    }
+
+    /// Connects to the only address (the dial timeout in [`Transport::dial`] bounds it).
+    async fn connect_one(&self, peer: SocketAddr) -> Result<TcpStream, DialErrorKind> {
+        let socket = self
+            .inner
+            .socket
+            .socket(peer)
+            .map_err(|error| DialErrorKind::Socket { peer, error })?;
+        socket.connect(peer).await.map_err(|error| {
+            tracing::debug!(transport = %self.inner.name, %peer, %error, "connect failed");
+            DialErrorKind::Connect { peer, error }
+        })
     }
 
     /// Connects to the first address that accepts; the error of the first failure otherwise.
