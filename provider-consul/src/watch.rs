@@ -193,6 +193,22 @@ impl Blocking {
         namespace: Option<&str>,
         block: bool,
     ) -> Result<Option<T>, ClientError> {
+        self.query_with(client, segments, namespace, block, |body| {
+            serde_json::from_slice::<T>(body)
+        })
+        .await
+    }
+
+    /// [`Blocking::query`] with the answer's body given to `decode` (on the blocking pool for
+    /// large answers): a caller can borrow strings from the body instead of copying them.
+    pub async fn query_with<T: Send + 'static>(
+        &mut self,
+        client: &ConsulClient,
+        segments: &[&str],
+        namespace: Option<&str>,
+        block: bool,
+        decode: impl FnOnce(&[u8]) -> Result<T, serde_json::Error> + Send + 'static,
+    ) -> Result<Option<T>, ClientError> {
         let opts = QueryOptions {
             index: if block { self.index } else { 0 },
             wait: Some(self.timing.wait),
@@ -221,15 +237,14 @@ impl Blocking {
                 return Ok((None, meta));
             }
             let decoded = if body.len() >= OFF_THREAD_DECODE {
-                match tokio::task::spawn_blocking(move || serde_json::from_slice::<T>(&body)).await
-                {
+                match tokio::task::spawn_blocking(move || decode(&body)).await {
                     Ok(r) => r,
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     // Cancelled: the runtime is shutting down, and this watch with it.
                     Err(_) => std::future::pending().await,
                 }
             } else {
-                serde_json::from_slice::<T>(&body)
+                decode(&body)
             };
             let value = decoded.map_err(|source| ClientError::Decode {
                 endpoint: endpoint(),
