@@ -309,6 +309,7 @@ impl ConsulProvider {
             generation: 0,
             merger: Merger::new(),
             catalog_seen: HashSet::new(),
+            catalog_last: HashMap::new(),
             pending: HashSet::new(),
             waiting_identity: HashSet::new(),
             census_tx: HashMap::new(),
@@ -533,6 +534,8 @@ struct Coordinator {
     generation: u64,
     merger: Merger,
     catalog_seen: HashSet<Option<String>>,
+    /// The last answer of `/v1/catalog/services`, per namespace.
+    catalog_last: HashMap<Option<String>, CatalogServices>,
     pending: HashSet<Key>,
     waiting_identity: HashSet<Key>,
     census_tx: HashMap<Option<String>, watch::Sender<u64>>,
@@ -718,20 +721,37 @@ impl Coordinator {
             self.sweep(false);
             return;
         };
+        // Only the names whose tags differ from the last answer can change what is watched
+        // (everything on the first answer): at 10,000 services most answers differ in one.
+        let last = self.catalog_last.remove(&ns);
+        let touched: Option<Vec<&String>> = last.as_ref().map(|l| changed_entries(l, &services));
         let conv = &self.shared.convert;
         let mut desired: BTreeMap<Key, (bool, u64)> = BTreeMap::new();
-        for (name, tags) in services {
-            if relevant(conv, &tags) {
-                let connect = service_connect(conv, &tags);
-                desired.insert(Key::new(ns.clone(), name), (connect, digest(&tags)));
+        let entries: Box<dyn Iterator<Item = (&String, &Vec<String>)>> = match &touched {
+            None => Box::new(services.iter()),
+            Some(names) => Box::new(names.iter().filter_map(|n| services.get_key_value(*n))),
+        };
+        for (name, tags) in entries {
+            if relevant(conv, tags) {
+                let connect = service_connect(conv, tags);
+                desired.insert(Key::new(ns.clone(), name.clone()), (connect, digest(tags)));
             }
         }
-        let gone: Vec<Key> = self
-            .watched
-            .keys()
-            .filter(|k| k.ns == ns && !desired.contains_key(*k))
-            .cloned()
-            .collect();
+        let gone: Vec<Key> = match &touched {
+            None => self
+                .watched
+                .keys()
+                .filter(|k| k.ns == ns && !desired.contains_key(*k))
+                .cloned()
+                .collect(),
+            Some(names) => names
+                .iter()
+                .map(|n| Key::new(ns.clone(), (*n).clone()))
+                .filter(|k| self.watched.contains_key(k) && !desired.contains_key(k))
+                .collect(),
+        };
+        drop(touched);
+        self.catalog_last.insert(ns.clone(), services);
         for k in gone {
             self.remove(&k);
         }
@@ -1071,6 +1091,33 @@ impl Coordinator {
             true
         });
     }
+}
+
+/// The names that are new, gone or tagged differently in `next` than in `last`, walking both
+/// answers in name order.
+fn changed_entries<'a>(last: &'a CatalogServices, next: &'a CatalogServices) -> Vec<&'a String> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (last.iter().peekable(), next.iter().peekable());
+    loop {
+        let step = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        match step {
+            std::cmp::Ordering::Less => out.extend(a.next().map(|(k, _)| k)),
+            std::cmp::Ordering::Greater => out.extend(b.next().map(|(k, _)| k)),
+            std::cmp::Ordering::Equal => {
+                if let (Some((k, ta)), Some((_, tb))) = (a.next(), b.next())
+                    && ta != tb
+                {
+                    out.push(k);
+                }
+            }
+        }
+    }
+    out
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -1528,6 +1575,20 @@ mod tests {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    #[test]
+    fn changed_catalog_entries_are_the_new_the_gone_and_the_retagged() {
+        let answer = |v: &[(&str, &[&str])]| -> CatalogServices {
+            v.iter()
+                .map(|(n, t)| ((*n).to_owned(), t.iter().map(|x| (*x).to_owned()).collect()))
+                .collect()
+        };
+        let last = answer(&[("a", &["x"]), ("b", &["y"]), ("c", &[]), ("e", &["z"])]);
+        let next = answer(&[("a", &["x"]), ("b", &["y", "w"]), ("d", &[]), ("e", &["z"])]);
+        assert_eq!(changed_entries(&last, &next), ["b", "c", "d"]);
+        assert!(changed_entries(&next, &next).is_empty());
+        assert_eq!(changed_entries(&CatalogServices::new(), &last).len(), 4);
     }
 
     #[test]
