@@ -59,19 +59,9 @@ impl<T> Resources<T> {
         self.0.entry(name)
     }
 
-    /// The underlying map, shared values included.
-    pub fn as_map(&self) -> &BTreeMap<String, Arc<T>> {
-        &self.0
-    }
-
     /// The underlying map, mutably.
     pub fn as_map_mut(&mut self) -> &mut BTreeMap<String, Arc<T>> {
         &mut self.0
-    }
-
-    /// The underlying map.
-    pub fn into_map(self) -> BTreeMap<String, Arc<T>> {
-        self.0
     }
 }
 
@@ -160,9 +150,20 @@ pub enum Change {
 pub fn diff<'a, T: PartialEq>(
     a: &'a Resources<T>,
     b: &'a Resources<T>,
+    f: impl FnMut(&'a str, Change),
+) {
+    diff_sorted(a.iter(), b.iter(), |x, y| same(x, y), f);
+}
+
+/// [`diff`] for any two name-ordered sequences (a `BTreeMap`'s iterators): `f` gets every name
+/// only one of them has, and every name whose values `equal` says differ.
+pub fn diff_sorted<'a, V: 'a>(
+    a: impl IntoIterator<Item = (&'a String, &'a V)>,
+    b: impl IntoIterator<Item = (&'a String, &'a V)>,
+    equal: impl Fn(&V, &V) -> bool,
     mut f: impl FnMut(&'a str, Change),
 ) {
-    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
+    let (mut ia, mut ib) = (a.into_iter().peekable(), b.into_iter().peekable());
     loop {
         let step = match (ia.peek(), ib.peek()) {
             (None, None) => break,
@@ -183,7 +184,7 @@ pub fn diff<'a, T: PartialEq>(
             }
             std::cmp::Ordering::Equal => {
                 if let (Some((k, va)), Some((_, vb))) = (ia.next(), ib.next())
-                    && !same(va, vb)
+                    && !equal(va, vb)
                 {
                     f(k, Change::Changed);
                 }
@@ -193,10 +194,7 @@ pub fn diff<'a, T: PartialEq>(
 }
 
 /// The names `a` and `b` disagree on (added, removed or changed).
-pub fn changed_names<'a, T: PartialEq>(
-    a: &'a Resources<T>,
-    b: &'a Resources<T>,
-) -> HashSet<&'a str> {
+fn changed_names<'a, T: PartialEq>(a: &'a Resources<T>, b: &'a Resources<T>) -> HashSet<&'a str> {
     let mut out = HashSet::new();
     diff(a, b, |n, _| {
         out.insert(n);

@@ -39,7 +39,11 @@ type Declared<'a> = dyn Fn(&str) -> bool + 'a;
 /// qualified ones (`x@file`, `default@internal`) are kept. TLS certificates are concatenated;
 /// TLS options other than `default` are qualified like resources.
 pub fn merge(parts: &[(&str, &Dynamic)]) -> Dynamic {
-    MergeCache::default().merge(parts)
+    let mut out = merge_rest(parts);
+    for (provider, d) in parts {
+        merge_tcp_all(provider, d, &mut out.tcp);
+    }
+    out
 }
 
 /// Qualifies every resource of `input` into `out` (`name@provider`): a resource whose references
@@ -93,15 +97,6 @@ pub struct MergeCache {
 type Part = (String, Arc<Dynamic>);
 
 impl MergeCache {
-    /// Merges `parts` like [`merge`] (an uncached merge: nothing is remembered).
-    pub fn merge(&mut self, parts: &[(&str, &Dynamic)]) -> Dynamic {
-        let mut out = merge_rest(parts);
-        for (provider, d) in parts {
-            merge_tcp_all(provider, d, &mut out.tcp);
-        }
-        out
-    }
-
     /// Merges `parts` like [`merge`], reusing the previous call's result for what did not change.
     pub fn merge_shared(&mut self, parts: &[(&str, Arc<Dynamic>)]) -> Dynamic {
         let refs: Vec<(&str, &Dynamic)> = parts.iter().map(|(p, d)| (*p, &**d)).collect();

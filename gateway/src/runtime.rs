@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tagway_config::resources::same_opt;
+use tagway_config::resources::{Changes, same_opt};
 use tagway_config::{Dynamic, LoadBalancer, Rule, StaticConfig};
 use tagway_transport::IdentitySource;
 
@@ -309,22 +309,10 @@ fn compile_changes(
     prev: &Tables,
 ) -> Option<Tables> {
     let src = prev.source.as_deref()?;
-    if !prev.health.is_empty()
-        || prev.transports.is_none()
-        || !tagway_config::resources::Changes::confined(src, dynamic)
-    {
+    if !prev.health.is_empty() || prev.transports.is_none() || !Changes::confined(src, dynamic) {
         return None;
     }
-    let tagway_config::resources::Changes { routers, services } =
-        tagway_config::resources::Changes::between(src, dynamic);
-    let weighted: Vec<&String> = dynamic
-        .tcp
-        .services
-        .iter()
-        .filter(|(_, s)| s.weighted.is_some())
-        .map(|(n, _)| n)
-        .collect();
-
+    let Changes { routers, services } = Changes::between(src, dynamic);
     let mut cx = Ctx {
         dynamic,
         prev: Some(prev),
@@ -365,7 +353,6 @@ fn compile_changes(
         })
         .cloned()
         .collect();
-    let entry_points: Vec<&String> = static_cfg.entry_points.keys().collect();
     for n in &routers {
         let Some((name, r)) = dynamic.tcp.routers.get_key_value(*n) else {
             continue;
@@ -420,8 +407,11 @@ fn compile_changes(
             .collect()
     } else {
         let mut reached: HashSet<&str> = HashSet::with_capacity(new_services.len());
-        let mut per_ep: BTreeMap<&String, Vec<Arc<Route>>> =
-            entry_points.iter().map(|k| (*k, Vec::new())).collect();
+        let mut per_ep: BTreeMap<&String, Vec<Arc<Route>>> = static_cfg
+            .entry_points
+            .keys()
+            .map(|k| (k, Vec::new()))
+            .collect();
         for (n, r) in &dynamic.tcp.routers {
             let Some(route) = new_routers.get(n) else {
                 continue;
@@ -429,10 +419,13 @@ fn compile_changes(
             reached.insert(r.service.as_str());
             add_to_entry_points(&mut per_ep, r, route);
         }
-        let mut stack: Vec<&str> = weighted
+        // Weighted services reach their children.
+        let mut stack: Vec<&str> = dynamic
+            .tcp
+            .services
             .iter()
-            .filter(|n| reached.contains(n.as_str()))
-            .map(|n| n.as_str())
+            .filter(|(n, s)| s.weighted.is_some() && reached.contains(n.as_str()))
+            .map(|(n, _)| n.as_str())
             .collect();
         while let Some(n) = stack.pop() {
             if let Some(w) = dynamic

@@ -724,7 +724,7 @@ impl Coordinator {
         // Only the names whose tags differ from the last answer can change what is watched
         // (everything on the first answer): at 10,000 services most answers differ in one.
         let last = self.catalog_last.remove(&ns);
-        let touched: Option<Vec<&String>> = last.as_ref().map(|l| changed_entries(l, &services));
+        let touched: Option<Vec<&str>> = last.as_ref().map(|l| changed_entries(l, &services));
         let conv = &self.shared.convert;
         let mut desired: BTreeMap<Key, (bool, u64)> = BTreeMap::new();
         let entries: Box<dyn Iterator<Item = (&String, &Vec<String>)>> = match &touched {
@@ -746,7 +746,7 @@ impl Coordinator {
                 .collect(),
             Some(names) => names
                 .iter()
-                .map(|n| Key::new(ns.clone(), (*n).clone()))
+                .map(|n| Key::new(ns.clone(), (*n).to_owned()))
                 .filter(|k| self.watched.contains_key(k) && !desired.contains_key(k))
                 .collect(),
         };
@@ -1095,28 +1095,9 @@ impl Coordinator {
 
 /// The names that are new, gone or tagged differently in `next` than in `last`, walking both
 /// answers in name order.
-fn changed_entries<'a>(last: &'a CatalogServices, next: &'a CatalogServices) -> Vec<&'a String> {
+fn changed_entries<'a>(last: &'a CatalogServices, next: &'a CatalogServices) -> Vec<&'a str> {
     let mut out = Vec::new();
-    let (mut a, mut b) = (last.iter().peekable(), next.iter().peekable());
-    loop {
-        let step = match (a.peek(), b.peek()) {
-            (None, None) => break,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
-        };
-        match step {
-            std::cmp::Ordering::Less => out.extend(a.next().map(|(k, _)| k)),
-            std::cmp::Ordering::Greater => out.extend(b.next().map(|(k, _)| k)),
-            std::cmp::Ordering::Equal => {
-                if let (Some((k, ta)), Some((_, tb))) = (a.next(), b.next())
-                    && ta != tb
-                {
-                    out.push(k);
-                }
-            }
-        }
-    }
+    tagway_config::resources::diff_sorted(last, next, |a, b| a == b, |name, _| out.push(name));
     out
 }
 

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tagway_config::{
-    Dynamic, LogFormat, MergeCache, ResourceError, StaticConfig, Validated, load_static,
+    Dynamic, LogFormat, MergeCache, ResourceError, StaticConfig, Validated, load_static, merge,
     validate_changes,
 };
 use tagway_provider_consul::ConsulProvider;
@@ -74,15 +74,15 @@ impl Providers {
 /// Merges and validates provider outputs, logging each error and one summary line.
 pub fn apply(st: &StaticConfig, parts: &[(&str, &Dynamic)]) -> Validated {
     let t0 = std::time::Instant::now();
-    let merged = MergeCache::default().merge(parts);
-    apply_with(merged, t0, st, None)
+    let merged = merge(parts);
+    apply_with(merged, t0.elapsed(), st, None)
 }
 
-/// Validates `merged` (merged from `t0` on), checking only what changed since `prev` (the last
-/// result) when it can, and logs like [`apply`].
+/// Validates `merged` (merged in `merge_time`), checking only what changed since `prev` (the
+/// last result) when it can, and logs like [`apply`].
 fn apply_with(
     merged: Dynamic,
-    t0: std::time::Instant,
+    merge_time: std::time::Duration,
     st: &StaticConfig,
     prev: Option<(&Dynamic, &[ResourceError])>,
 ) -> Validated {
@@ -90,7 +90,7 @@ fn apply_with(
     let v = validate_changes(merged, st, prev);
     tracing::debug!(
         target: "tagway::timing",
-        merge_us = (t1 - t0).as_micros() as u64,
+        merge_us = merge_time.as_micros() as u64,
         validate_us = t1.elapsed().as_micros() as u64,
         "merged and validated"
     );
@@ -169,7 +169,7 @@ pub fn combine_sources(
         let t0 = std::time::Instant::now();
         let merged = cache.merge_shared(&parts);
         let prev = last.as_ref().map(|(d, e)| (&**d, e.as_slice()));
-        let v = apply_with(merged, t0, &st, prev);
+        let v = apply_with(merged, t0.elapsed(), &st, prev);
         if let Some(o) = &obs_current {
             o.validated(&v.errors);
         }
