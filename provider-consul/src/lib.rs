@@ -20,10 +20,11 @@
 //!
 //! Modules: [`client`] (HTTP client, TLS, token), [`watch`] (blocking-query mechanics),
 //! [`convert`] (tags → configuration, incremental merge), [`constraints`], [`connect`],
-//! [`provider`] (the running provider).
+//! [`census`] (which services gained or lost an instance), [`provider`] (the running provider).
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod census;
 pub mod client;
 pub mod connect;
 pub mod constraints;

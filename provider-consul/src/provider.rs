@@ -38,7 +38,8 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
-use crate::api::{CatalogServices, HealthCheck, ServiceEntry};
+use crate::api::{HealthCheck, ServiceEntry};
+use crate::census;
 use crate::client::{ClientError, ConsulClient, Settings};
 use crate::connect::{self, ConnectEvent, ConnectIdentity};
 use crate::constraints::{ConstraintError, Constraints};
@@ -309,7 +310,6 @@ impl ConsulProvider {
             generation: 0,
             merger: Merger::new(),
             catalog_seen: HashSet::new(),
-            catalog_last: HashMap::new(),
             pending: HashSet::new(),
             waiting_identity: HashSet::new(),
             census_tx: HashMap::new(),
@@ -460,7 +460,7 @@ enum Event {
     Catalog {
         ns: Option<String>,
         /// `None`: unchanged (poll mode tick).
-        services: Option<CatalogServices>,
+        delta: Option<CatalogDelta>,
     },
     Fragment {
         key: Key,
@@ -534,8 +534,6 @@ struct Coordinator {
     generation: u64,
     merger: Merger,
     catalog_seen: HashSet<Option<String>>,
-    /// The last answer of `/v1/catalog/services`, per namespace.
-    catalog_last: HashMap<Option<String>, CatalogServices>,
     pending: HashSet<Key>,
     waiting_identity: HashSet<Key>,
     census_tx: HashMap<Option<String>, watch::Sender<u64>>,
@@ -686,7 +684,7 @@ impl Coordinator {
 
     fn dispatch(&mut self, ev: Event) {
         match ev {
-            Event::Catalog { ns, services } => self.on_catalog(ns, services),
+            Event::Catalog { ns, delta } => self.on_catalog(ns, delta),
             Event::Fragment {
                 key,
                 generation,
@@ -712,46 +710,38 @@ impl Coordinator {
         }
     }
 
-    fn on_catalog(&mut self, ns: Option<String>, services: Option<CatalogServices>) {
+    fn on_catalog(&mut self, ns: Option<String>, delta: Option<CatalogDelta>) {
         self.on_recovered(What::Catalog(ns.clone()));
         self.status.reachable = true;
         let first_answer = self.catalog_seen.insert(ns.clone());
-        let Some(services) = services else {
+        let Some(delta) = delta else {
             // Poll mode, catalog unchanged: re-read every service.
             self.sweep(false);
             return;
         };
         // Only the names whose tags differ from the last answer can change what is watched
-        // (everything on the first answer): at 10,000 services most answers differ in one.
-        let last = self.catalog_last.remove(&ns);
-        let touched: Option<Vec<&str>> = last.as_ref().map(|l| changed_entries(l, &services));
-        let conv = &self.shared.convert;
+        // (every name on the first answer): at 10,000 services most answers differ in one.
         let mut desired: BTreeMap<Key, (bool, u64)> = BTreeMap::new();
-        let entries: Box<dyn Iterator<Item = (&String, &Vec<String>)>> = match &touched {
-            None => Box::new(services.iter()),
-            Some(names) => Box::new(names.iter().filter_map(|n| services.get_key_value(*n))),
-        };
-        for (name, tags) in entries {
-            if relevant(conv, tags) {
-                let connect = service_connect(conv, tags);
-                desired.insert(Key::new(ns.clone(), name.clone()), (connect, digest(tags)));
+        let mut touched = Vec::with_capacity(delta.entries.len());
+        for (name, entry) in delta.entries {
+            let key = Key::new(ns.clone(), name);
+            if let CatalogEntry::Relevant { connect, tags } = entry {
+                desired.insert(key.clone(), (connect, tags));
             }
+            touched.push(key);
         }
-        let gone: Vec<Key> = match &touched {
-            None => self
-                .watched
+        let gone: Vec<Key> = if delta.full {
+            self.watched
                 .keys()
                 .filter(|k| k.ns == ns && !desired.contains_key(*k))
                 .cloned()
-                .collect(),
-            Some(names) => names
-                .iter()
-                .map(|n| Key::new(ns.clone(), (*n).to_owned()))
+                .collect()
+        } else {
+            touched
+                .into_iter()
                 .filter(|k| self.watched.contains_key(k) && !desired.contains_key(k))
-                .collect(),
+                .collect()
         };
-        drop(touched);
-        self.catalog_last.insert(ns.clone(), services);
         for k in gone {
             self.remove(&k);
         }
@@ -1093,12 +1083,100 @@ impl Coordinator {
     }
 }
 
-/// The names that are new, gone or tagged differently in `next` than in `last`, walking both
-/// answers in name order.
-fn changed_entries<'a>(last: &'a CatalogServices, next: &'a CatalogServices) -> Vec<&'a str> {
-    let mut out = Vec::new();
-    tagway_config::resources::diff_sorted(last, next, |a, b| a == b, |name, _| out.push(name));
-    out
+/// What a catalog answer changed since the last one, computed where it is decoded: the answer
+/// (10,000 services and their tags, ~1 MB) is read with its strings borrowed, and only a digest
+/// of each service's tags is kept between answers.
+struct CatalogDelta {
+    /// Every service of the catalog is listed (the first answer of the watch).
+    full: bool,
+    /// The services that are new, gone or tagged differently, in name order.
+    entries: Vec<(String, CatalogEntry)>,
+}
+
+/// How a service of a catalog answer stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CatalogEntry {
+    /// Listed, with tags that make it watched.
+    Relevant {
+        /// Watched through `/v1/health/connect`.
+        connect: bool,
+        /// The digest of its tags.
+        tags: u64,
+    },
+    /// Listed, not watched (no TCP tags, disabled, or outside the constraints).
+    Ignored,
+    /// No longer listed.
+    Gone,
+}
+
+/// A string of a catalog answer, borrowed from it unless JSON escapes force a copy.
+#[derive(serde::Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::hash::Hash for Text<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As a `String` hashes: a digest of borrowed tags equals one of owned tags.
+        self.0.as_ref().hash(state)
+    }
+}
+
+/// The catalog digests of one watch: per service name, the digest of its tags.
+type CatalogDigests = BTreeMap<String, u64>;
+
+/// Decodes an answer of `/v1/catalog/services` against the digests of the last one (`None`
+/// before the first), updates them, and says what changed.
+fn catalog_delta(
+    body: &[u8],
+    conv: &ConvertSettings,
+    last: &mut Option<CatalogDigests>,
+) -> Result<CatalogDelta, serde_json::Error> {
+    let answer: BTreeMap<Text<'_>, Vec<Text<'_>>> = serde_json::from_slice(body)?;
+    let full = last.is_none();
+    let prev = last.take().unwrap_or_default();
+    let mut next = CatalogDigests::new();
+    let mut entries = Vec::new();
+    let judge = |tags: &[Text<'_>], d: u64| {
+        if relevant(conv, tags) {
+            CatalogEntry::Relevant {
+                connect: service_connect(conv, tags),
+                tags: d,
+            }
+        } else {
+            CatalogEntry::Ignored
+        }
+    };
+    let mut old = prev.into_iter().peekable();
+    for (name, tags) in &answer {
+        let d = digest(tags);
+        let name = name.as_ref();
+        // Names before this one that the answer no longer lists.
+        while let Some((gone, _)) = old.next_if(|(o, _)| o.as_str() < name) {
+            entries.push((gone, CatalogEntry::Gone));
+        }
+        let same = match old.next_if(|(o, _)| o.as_str() == name) {
+            Some((n, before)) => {
+                let same = before == d;
+                next.insert(n, d);
+                same
+            }
+            None => {
+                next.insert(name.to_owned(), d);
+                false
+            }
+        };
+        if full || !same {
+            entries.push((name.to_owned(), judge(tags, d)));
+        }
+    }
+    entries.extend(old.map(|(gone, _)| (gone, CatalogEntry::Gone)));
+    *last = Some(next);
+    Ok(CatalogDelta { full, entries })
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -1109,35 +1187,42 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 /// Traefik's catalog-level filter plus tagway's: only services with TCP tags matter.
-fn relevant(conv: &ConvertSettings, tags: &[String]) -> bool {
+fn relevant<S: AsRef<str>>(conv: &ConvertSettings, tags: &[S]) -> bool {
     let p = &conv.prefix;
     let tcp = format!("{p}.tcp.");
-    let has_tcp = tags
-        .iter()
-        .any(|t| t.len() > tcp.len() && t[..tcp.len()].eq_ignore_ascii_case(&tcp));
+    let has_tcp = tags.iter().map(AsRef::as_ref).any(|t: &str| {
+        t.len() > tcp.len() && t.as_bytes()[..tcp.len()].eq_ignore_ascii_case(tcp.as_bytes())
+    });
     if !has_tcp {
         return false;
     }
     let enable_true = format!("{p}.enable=true");
     let enable_false = format!("{p}.enable=false");
-    if !conv.exposed_by_default && !tags.iter().any(|t| t.eq_ignore_ascii_case(&enable_true)) {
+    if !conv.exposed_by_default
+        && !tags
+            .iter()
+            .any(|t| t.as_ref().eq_ignore_ascii_case(&enable_true))
+    {
         return false;
     }
-    if tags.iter().any(|t| t.eq_ignore_ascii_case(&enable_false)) {
+    if tags
+        .iter()
+        .any(|t| t.as_ref().eq_ignore_ascii_case(&enable_false))
+    {
         return false;
     }
     conv.constraints.matches(tags)
 }
 
 /// Whether a service is watched through `/v1/health/connect` (Traefik's rule).
-fn service_connect(conv: &ConvertSettings, tags: &[String]) -> bool {
+fn service_connect<S: AsRef<str>>(conv: &ConvertSettings, tags: &[S]) -> bool {
     if !conv.connect_aware {
         return false;
     }
     let key = format!("{}.consulcatalog.connect", conv.prefix);
     let mut tagged = None;
     for t in tags {
-        if let Some((k, v)) = t.split_once('=')
+        if let Some((k, v)) = t.as_ref().split_once('=')
             && k.trim().eq_ignore_ascii_case(&key)
         {
             match v.trim().to_ascii_lowercase().as_str() {
@@ -1153,19 +1238,28 @@ fn service_connect(conv: &ConvertSettings, tags: &[String]) -> bool {
 async fn catalog_task(sh: Arc<Shared>, ns: Option<String>, poll: Option<Duration>) {
     let mut b = Blocking::new(sh.aggregate_timing.clone());
     let segs = ["v1", "catalog", "services"];
+    // The tag digests of the last answer, updated by the decoder (off the runtime thread).
+    let last: Arc<std::sync::Mutex<Option<CatalogDigests>>> = Arc::default();
     loop {
         b.pace().await;
+        let decode = {
+            let (sh, last) = (sh.clone(), last.clone());
+            move |body: &[u8]| {
+                let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+                catalog_delta(body, &sh.convert, &mut last)
+            }
+        };
         let r = b
-            .query::<CatalogServices>(&sh.client, &segs, ns.as_deref(), poll.is_none())
+            .query_with(&sh.client, &segs, ns.as_deref(), poll.is_none(), decode)
             .await;
         let ev = match r {
-            Ok(Some(services)) => Event::Catalog {
+            Ok(Some(delta)) => Event::Catalog {
                 ns: ns.clone(),
-                services: Some(services),
+                delta: Some(delta),
             },
             Ok(None) if poll.is_some() => Event::Catalog {
                 ns: ns.clone(),
-                services: None,
+                delta: None,
             },
             Ok(None) => Event::Recovered {
                 what: What::Catalog(ns.clone()),
@@ -1226,41 +1320,10 @@ async fn feed_task(sh: Arc<Shared>, ns: Option<String>, state: &'static str) {
     }
 }
 
-/// One check of `/v1/health/state/any`, only what the census needs, borrowed from the answer
-/// (copied only when JSON escapes force it).
-#[derive(serde::Deserialize)]
-struct CensusCheck<'a> {
-    #[serde(rename = "Node", default, borrow)]
-    node: std::borrow::Cow<'a, str>,
-    #[serde(rename = "ServiceID", default, borrow)]
-    service_id: std::borrow::Cow<'a, str>,
-    #[serde(rename = "ServiceName", default, borrow)]
-    service_name: std::borrow::Cow<'a, str>,
-}
-
-/// Per service, the digest of its checked instances (`(node, service ID)` pairs, as
-/// `service_task` computes it) from an answer of `/v1/health/state/any`. Decodes without a copy
-/// of each check's strings: the answer is ~10 MB at 30,000 instances.
+/// [`census::census_digests`] with the digest of a service watch, as the watch's decoder.
 fn census_digests(body: &[u8]) -> Result<HashMap<String, u64>, serde_json::Error> {
-    let checks: Vec<CensusCheck<'_>> =
-        serde_json::from_slice::<Option<Vec<CensusCheck<'_>>>>(body)?.unwrap_or_default();
-    let mut by_service: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
-    for c in &checks {
-        if !c.service_id.is_empty() {
-            by_service
-                .entry(&c.service_name)
-                .or_default()
-                .push((&c.node, &c.service_id));
-        }
-    }
-    Ok(by_service
-        .into_iter()
-        .map(|(name, mut v)| {
-            v.sort_unstable();
-            v.dedup();
-            (name.to_owned(), digest(&v))
-        })
-        .collect())
+    census::census_digests(body, |pairs| digest(&pairs))
+        .map_err(<serde_json::Error as serde::de::Error>::custom)
 }
 
 async fn census_task(sh: Arc<Shared>, ns: Option<String>, mut trigger: watch::Receiver<u64>) {
@@ -1559,17 +1622,57 @@ mod tests {
     }
 
     #[test]
-    fn changed_catalog_entries_are_the_new_the_gone_and_the_retagged() {
-        let answer = |v: &[(&str, &[&str])]| -> CatalogServices {
-            v.iter()
-                .map(|(n, t)| ((*n).to_owned(), t.iter().map(|x| (*x).to_owned()).collect()))
-                .collect()
+    fn a_catalog_delta_lists_the_new_the_gone_and_the_retagged() {
+        let conv = ConvertSettings {
+            prefix: "traefik".into(),
+            exposed_by_default: true,
+            constraints: Constraints::parse("").unwrap(),
+            strict_checks: BTreeSet::new(),
+            connect_aware: true,
+            connect_by_default: false,
         };
-        let last = answer(&[("a", &["x"]), ("b", &["y"]), ("c", &[]), ("e", &["z"])]);
-        let next = answer(&[("a", &["x"]), ("b", &["y", "w"]), ("d", &[]), ("e", &["z"])]);
-        assert_eq!(changed_entries(&last, &next), ["b", "c", "d"]);
-        assert!(changed_entries(&next, &next).is_empty());
-        assert_eq!(changed_entries(&CatalogServices::new(), &last).len(), 4);
+        let relevant = |tags: &[&str]| CatalogEntry::Relevant {
+            connect: tags.contains(&"traefik.consulcatalog.connect=true"),
+            tags: digest(&tags.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>()),
+        };
+        let names = |d: &CatalogDelta| d.entries.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let mut last = None;
+        let first = br#"{"a":[],"b":["traefik.tcp.routers.b.rule=x"],"c":["traefik.tcp.routers.c.rule=x"],"e":["z"]}"#;
+        let d = catalog_delta(first, &conv, &mut last).unwrap();
+        assert!(d.full);
+        assert_eq!(names(&d), ["a", "b", "c", "e"], "every service at first");
+        assert_eq!(d.entries[0].1, CatalogEntry::Ignored);
+        assert_eq!(d.entries[1].1, relevant(&["traefik.tcp.routers.b.rule=x"]));
+        // b retagged (escapes decoded), c gone, d new, a and e unchanged.
+        let next = br#"{"a":[],"b":["traefik.tcp.routers.b.rule=x","traefik.consulcatalog.connect=true","q\"uoted"],"d":[],"e":["z"]}"#;
+        let d = catalog_delta(next, &conv, &mut last).unwrap();
+        assert!(!d.full);
+        assert_eq!(
+            d.entries,
+            [
+                (
+                    "b".to_owned(),
+                    relevant(&[
+                        "traefik.tcp.routers.b.rule=x",
+                        "traefik.consulcatalog.connect=true",
+                        "q\"uoted"
+                    ])
+                ),
+                ("c".to_owned(), CatalogEntry::Gone),
+                ("d".to_owned(), CatalogEntry::Ignored),
+            ]
+        );
+        assert!(
+            catalog_delta(next, &conv, &mut last)
+                .unwrap()
+                .entries
+                .is_empty()
+        );
+        // Names after the last listed one are gone too.
+        let d = catalog_delta(br#"{"a":[]}"#, &conv, &mut last).unwrap();
+        assert_eq!(names(&d), ["b", "d", "e"]);
+        assert!(d.entries.iter().all(|(_, e)| *e == CatalogEntry::Gone));
+        assert!(catalog_delta(b"{\"a\":", &conv, &mut last).is_err());
     }
 
     #[test]

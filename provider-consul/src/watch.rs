@@ -215,7 +215,9 @@ impl Blocking {
             namespace,
         };
         let result = async {
+            let t0 = std::time::Instant::now();
             let (resp, meta) = client.get_bytes(segments, &opts).await?;
+            let t_head = t0.elapsed();
             // The index moves only once the body arrived in full.
             let changed = classify(self.index, meta);
             let endpoint = || client.url(segments).to_string();
@@ -233,9 +235,11 @@ impl Blocking {
                     }
                 }
             })?;
+            let t_body = t0.elapsed();
             if changed == Observed::Unchanged {
                 return Ok((None, meta));
             }
+            let bytes = body.len();
             let decoded = if body.len() >= OFF_THREAD_DECODE {
                 match tokio::task::spawn_blocking(move || decode(&body)).await {
                     Ok(r) => r,
@@ -250,6 +254,16 @@ impl Blocking {
                 endpoint: endpoint(),
                 source,
             })?;
+            tracing::debug!(
+                target: "tagway::timing",
+                endpoint = segments.first().copied().unwrap_or_default(),
+                last = segments.last().copied().unwrap_or_default(),
+                bytes,
+                head_us = t_head.as_micros() as u64,
+                body_us = t_body.as_micros() as u64,
+                decoded_us = t0.elapsed().as_micros() as u64,
+                "consul answer"
+            );
             Ok((Some(value), meta))
         }
         .await;

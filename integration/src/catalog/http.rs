@@ -1,7 +1,7 @@
 //! The HTTP API (axum on hyper), the accept loop with per-connection abort (for dropped
 //! connection faults) and graceful shutdown.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +42,8 @@ use super::json::{
 };
 use super::model::CheckStatus;
 use super::state::{
-    CONSUL_VERSION, CheckRec, Key, NodeEntry, NodeRec, State as CatalogState, Store, TtlError,
+    CONSUL_VERSION, CheckRec, Fragment, Fragments, Key, NodeEntry, NodeRec, ServiceRec,
+    State as CatalogState, Store, TtlError,
 };
 use super::util::{parse_go_bool, uuid_v4};
 
@@ -343,6 +344,12 @@ async fn catalog_services(State(sh): State<AppState>, headers: HeaderMap, uri: U
             {
                 return (index, (body.clone(), false));
             }
+            if cacheable {
+                let mut frags = store.fragments.lock().unwrap_or_else(|e| e.into_inner());
+                let body = services_body_from_fragments(st, &mut frags);
+                *cache = Some((index, generation, false, body.clone()));
+                return (index, (body, false));
+            }
             let mut filtered = false;
             let mut out: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
             for (name, insts) in &st.by_name {
@@ -363,14 +370,100 @@ async fn catalog_services(State(sh): State<AppState>, headers: HeaderMap, uri: U
                     out.insert(name, tags.into_iter().collect());
                 }
             }
-            let body = to_body(&out, pretty);
-            if cacheable {
-                *cache = Some((index, generation, false, body.clone()));
-            }
-            (index, (body, filtered))
+            (index, (to_body(&out, pretty), filtered))
         })
         .await;
     Ok(sh.blocking_answer(&opts, index, filtered, body))
+}
+
+/// The body of `/v1/catalog/services` for a reader that sees every service, with no node-meta
+/// filter: each service's `"name":["tag",…]` is serialized again only when one of its
+/// instance records changed (see [`Fragments`]). The same bytes as serializing the whole map.
+fn services_body_from_fragments(st: &CatalogState, frags: &mut Fragments) -> Bytes {
+    // One pass over the nodes (sorted) and their services (sorted by ID) lists each name's
+    // instances in the order of `State::instances`, without a lookup per instance.
+    let mut by_name: HashMap<&str, Vec<&Arc<ServiceRec>>> =
+        HashMap::with_capacity(frags.services.len());
+    for entry in st.nodes.values() {
+        for svc in entry.services.values() {
+            by_name.entry(svc.name.as_str()).or_default().push(svc);
+        }
+    }
+    let mut names: Vec<(&str, Vec<&Arc<ServiceRec>>)> = by_name.into_iter().collect();
+    names.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    frags.epoch += 1;
+    let epoch = frags.epoch;
+    let cache = &mut frags.services;
+    let mut out = Vec::with_capacity(frags.services_len + 2);
+    out.push(b'{');
+    for (name, recs) in &names {
+        let fresh = |held: &[Arc<ServiceRec>]| {
+            held.len() == recs.len() && held.iter().zip(recs).all(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        let entry = match cache.get_mut(*name) {
+            Some(e) if fresh(&e.held) => e,
+            _ => {
+                let tags: BTreeSet<&str> = recs
+                    .iter()
+                    .flat_map(|s| s.tags.iter().map(String::as_str))
+                    .collect();
+                let mut json = serde_json::to_vec(name).unwrap_or_default();
+                json.push(b':');
+                // Serializing a set of strings into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut json, &tags);
+                let held = recs.iter().map(|r| Arc::clone(r)).collect();
+                cache.insert((*name).to_owned(), Fragment { held, json, epoch });
+                cache.get_mut(*name).expect("just inserted")
+            }
+        };
+        entry.epoch = epoch;
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&entry.json);
+    }
+    out.push(b'}');
+    if cache.len() > names.len() {
+        cache.retain(|_, e| e.epoch == epoch);
+    }
+    frags.services_len = out.len();
+    Bytes::from(out)
+}
+
+/// The body of `/v1/health/state/any` for a reader that sees every check, with no node-meta
+/// filter: each check is serialized again only when its record changed (see [`Fragments`]).
+/// The same bytes as serializing every check.
+fn all_checks_body_from_fragments(st: &CatalogState, frags: &mut Fragments) -> Bytes {
+    frags.epoch += 1;
+    let epoch = frags.epoch;
+    let cache = &mut frags.checks;
+    let mut out = Vec::with_capacity(frags.checks_len + 2);
+    let mut count = 0usize;
+    out.push(b'[');
+    for entry in st.nodes.values() {
+        for c in entry.checks.values() {
+            count += 1;
+            let e = cache
+                .entry(Arc::as_ptr(c) as usize)
+                .or_insert_with(|| Fragment {
+                    held: Arc::clone(c),
+                    // Serializing these plain structs into a Vec cannot fail.
+                    json: serde_json::to_vec(&CheckJson::new(c)).unwrap_or_default(),
+                    epoch,
+                });
+            e.epoch = epoch;
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&e.json);
+        }
+    }
+    out.push(b']');
+    if cache.len() > count {
+        cache.retain(|_, e| e.epoch == epoch);
+    }
+    frags.checks_len = out.len();
+    Bytes::from(out)
 }
 
 async fn catalog_service(
@@ -589,13 +682,16 @@ async fn health_checks(
     Ok(sh.blocking_answer(&opts, index, filtered, body))
 }
 
+/// The checks of a node that `wanted` selects and the reader may see (`filtered` set when the
+/// ACLs hid one of them).
 fn visible_checks<'a>(
     entry: &'a NodeEntry,
     authz: &Authorizer,
     filtered: &mut bool,
+    wanted: impl Fn(&CheckRec) -> bool,
 ) -> Vec<&'a CheckRec> {
     let mut out = Vec::new();
-    for c in entry.checks.values() {
+    for c in entry.checks.values().filter(|c| wanted(c)) {
         let ok = authz.can(Perm::NodeRead(&entry.node.name))
             && (c.service_name.is_empty() || authz.can(Perm::ServiceRead(&c.service_name)));
         if ok {
@@ -622,7 +718,7 @@ async fn health_node(
         let checks = st
             .nodes
             .get(&node)
-            .map(|e| visible_checks(e, &authz, &mut filtered))
+            .map(|e| visible_checks(e, &authz, &mut filtered, |_| true))
             .unwrap_or_default();
         let out: Vec<CheckJson<'_>> = checks.into_iter().map(CheckJson::new).collect();
         (idx[0], (to_body(&out, pretty), filtered))
@@ -649,17 +745,25 @@ async fn health_state(
     authz.require_list_read(Perm::NodeRead(""))?;
     let node_meta = parse_node_meta(&p);
     let pretty = p.has("pretty");
+    let cacheable = wanted.is_none() && authz.sees_everything() && node_meta.is_empty() && !pretty;
+    let store = sh.store.clone();
     let (index, (body, filtered)) = blocking_query(&sh.store, &opts, &[Key::Checks], |st, idx| {
+        if cacheable {
+            let mut frags = store.fragments.lock().unwrap_or_else(|e| e.into_inner());
+            return (
+                idx[0],
+                (all_checks_body_from_fragments(st, &mut frags), false),
+            );
+        }
         let mut filtered = false;
         let mut out: Vec<CheckJson<'_>> = Vec::new();
         for entry in st.nodes.values() {
             if !node_meta_ok(&entry.node, &node_meta) {
                 continue;
             }
-            for c in visible_checks(entry, &authz, &mut filtered) {
-                if wanted.is_none_or(|w| w == c.status) {
-                    out.push(CheckJson::new(c));
-                }
+            let selected = |c: &CheckRec| wanted.is_none_or(|w| w == c.status);
+            for c in visible_checks(entry, &authz, &mut filtered, selected) {
+                out.push(CheckJson::new(c));
             }
         }
         (idx[0], (to_body(&out, pretty), filtered))
@@ -773,7 +877,7 @@ async fn agent_checks(State(sh): State<AppState>, headers: HeaderMap, uri: Uri) 
         let out: BTreeMap<&str, CheckJson<'_>> = st
             .nodes
             .get(&st.agent_node)
-            .map(|e| visible_checks(e, &authz, &mut filtered))
+            .map(|e| visible_checks(e, &authz, &mut filtered, |_| true))
             .unwrap_or_default()
             .into_iter()
             .map(|c| (c.id.as_str(), CheckJson::new(c)))

@@ -1142,6 +1142,32 @@ impl Slot {
 /// The catalog body cached for `/v1/catalog/services` (index, rewind generation, body).
 pub(crate) type ServicesCache = Option<(u64, u64, bool, Bytes)>;
 
+/// Serialized pieces of the two largest answers (`/v1/catalog/services` and
+/// `/v1/health/state/any`, ~1 MB and ~10 MB at 10,000 services × 3 instances), kept while the
+/// records they were made from are unchanged. Records are immutable `Arc`s replaced on every
+/// write, so pointer equality means "unchanged"; holding the `Arc` keeps its address from being
+/// reused. Only answers for readers that see everything, without filters, use them.
+#[derive(Default)]
+pub(crate) struct Fragments {
+    /// Per service name: its instances' records, in instance order, and `"name":["tag",…]`.
+    pub(crate) services: HashMap<String, Fragment<Vec<Arc<ServiceRec>>>>,
+    /// Per check record, by address: the record and its JSON object.
+    pub(crate) checks: HashMap<usize, Fragment<Arc<CheckRec>>>,
+    /// Counts the answers built: a piece not used by the latest one is dropped.
+    pub(crate) epoch: u64,
+    /// The length of the last answer of each kind (the next one reserves as much).
+    pub(crate) services_len: usize,
+    pub(crate) checks_len: usize,
+}
+
+/// One serialized piece and the records it was made from.
+pub(crate) struct Fragment<T> {
+    pub(crate) held: T,
+    pub(crate) json: Vec<u8>,
+    /// The answer that last used it.
+    pub(crate) epoch: u64,
+}
+
 /// The shared state with its locks, watch channels and background machinery.
 pub(crate) struct Store {
     state: RwLock<State>,
@@ -1152,6 +1178,7 @@ pub(crate) struct Store {
     runners: Mutex<HashMap<(String, String), tokio::task::AbortHandle>>,
     runtime: tokio::runtime::Handle,
     pub(crate) services_cache: Mutex<ServicesCache>,
+    pub(crate) fragments: Mutex<Fragments>,
     weak: Weak<Store>,
 }
 
@@ -1175,6 +1202,7 @@ impl Store {
             runners: Mutex::new(HashMap::new()),
             runtime,
             services_cache: Mutex::new(None),
+            fragments: Mutex::new(Fragments::default()),
             weak: weak.clone(),
         });
         {

@@ -1476,3 +1476,54 @@ async fn connect_views_list_native_services_and_proxies() {
         "Proxy.DestinationServiceName must be non-empty for Connect proxy services"
     );
 }
+
+/// The two large answers are built from cached per-service and per-check pieces; after every
+/// kind of write they must equal the answers built from scratch (here: the `?pretty` variants,
+/// which never use the pieces).
+#[tokio::test]
+async fn cached_catalog_and_check_answers_follow_every_write() {
+    let (r, h) = app();
+    async fn agree(r: &Router, step: &str) {
+        for path in ["/v1/catalog/services", "/v1/health/state/any"] {
+            let cached = get(r, path).await;
+            let fresh = get(r, &format!("{path}?pretty")).await;
+            assert_eq!(cached.status, StatusCode::OK, "{step}: {path}");
+            assert_eq!(cached.json(), fresh.json(), "{step}: {path}");
+            // Asked again without a change: the same bytes.
+            assert_eq!(get(r, path).await.body, cached.body, "{step}: {path} again");
+        }
+    }
+    let db = |id: &str, tags: &[&str]| {
+        ServiceRegistration::new("db")
+            .id(id)
+            .port(5432)
+            .tags(tags.iter().copied())
+            .check(CheckDefinition::ttl(Duration::from_secs(30)).id(format!("{id}-ttl")))
+    };
+    h.register(web("web-1", 8080)).expect("register");
+    h.register(web("web-2", 8081)).expect("register");
+    h.register_node(
+        NodeRegistration::new("db-node", "127.0.0.5")
+            .service(db("db-1", &["primary", "x\"quoted\""]))
+            .check(CheckDefinition::ttl(Duration::from_secs(30)).id("node-ttl")),
+    )
+    .expect("register node");
+    agree(&r, "start").await;
+    h.set_check_status("web-1-ttl", CheckStatus::Passing, "ok")
+        .expect("pass");
+    agree(&r, "check passing").await;
+    h.register(web("web-2", 8081).tags(["v2"])).expect("retag");
+    agree(&r, "one instance re-tagged").await;
+    h.register_node(
+        NodeRegistration::new("db-node", "127.0.0.5").service(db("db-2", &["replica"])),
+    )
+    .expect("second db");
+    agree(&r, "instance added").await;
+    h.deregister_on_node("db-node", "db-1").expect("deregister");
+    agree(&r, "instance removed").await;
+    h.deregister("web-1").expect("deregister");
+    h.deregister("web-2").expect("deregister");
+    agree(&r, "service gone").await;
+    h.deregister_node("db-node").expect("deregister node");
+    agree(&r, "node gone").await;
+}
