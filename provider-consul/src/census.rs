@@ -2,12 +2,14 @@
 //! of `/v1/health/state/any` (every check of the catalog: ~10 MB of JSON at 30,000 instances).
 //!
 //! Only three strings of each check matter (`Node`, `ServiceID`, `ServiceName`), so the answer
-//! is scanned rather than deserialized: strings are skipped with `memchr`, nested values by
-//! bracket depth, and the three wanted strings are borrowed from the answer (decoded only when
-//! they hold escapes). The scan checks the answer's structure (an array of objects of
-//! `"key": value` pairs) but not the grammar of the values it skips: numbers, literals and the
-//! nesting inside skipped values are not validated. That is enough for a hint about which
-//! services to fetch again; every service is still read from its own endpoint.
+//! is scanned rather than deserialized, chunk by chunk as it arrives ([`Census::feed`]): the
+//! whole answer is never held, only the check cut by the end of a chunk. Strings are skipped
+//! eight bytes at a time, nested values by bracket depth, and each checked instance is reduced
+//! to a hash of its `(node, service ID)` at once. The scan checks the answer's structure (an
+//! array of objects of `"key": value` pairs) but not the grammar of the values it skips:
+//! numbers, literals and the nesting inside skipped values are not validated. That is enough
+//! for a hint about which services to fetch again; every service is still read from its own
+//! endpoint.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -20,57 +22,174 @@ pub struct CensusError {
     at: usize,
 }
 
-/// Per service, the digest of its checked instances (sorted, deduplicated `(node, service ID)`
-/// pairs, hashed with `digest` as the service watch hashes its own instances) from an answer of
-/// `/v1/health/state/any`. Node checks (no `ServiceID`) are not instances and are left out.
-pub fn census_digests(
-    body: &[u8],
-    digest: impl Fn(&[(&str, &str)]) -> u64,
-) -> Result<HashMap<String, u64>, CensusError> {
-    let mut by_service: HashMap<Cow<'_, str>, Vec<Instance<'_>>> = HashMap::new();
-    let mut s = Scan { b: body, i: 0 };
-    if s.peek() == Some(b'n') {
-        s.literal(b"null")?;
-        s.end()?;
-        return Ok(HashMap::new());
+/// The digest of a service's checked instances, given as `(node, service ID)` pairs in any
+/// order and with repeats (an instance with two checks): the census and the service watch
+/// compute it the same way, so equal digests mean the same instances.
+pub fn instances_digest<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> u64 {
+    let mut hashes: Vec<u64> = pairs.into_iter().map(pair_hash).collect();
+    digest_of(&mut hashes)
+}
+
+fn pair_hash((node, id): (&str, &str)) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one((node, id))
+}
+
+fn digest_of(hashes: &mut Vec<u64>) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    hashes.sort_unstable();
+    hashes.dedup();
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(&*hashes)
+}
+
+/// An instance census read from an answer of `/v1/health/state/any` fed chunk by chunk.
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Bytes received and not yet scanned: at most the check cut by the end of a chunk.
+    pending: Vec<u8>,
+    /// Bytes of the answer scanned and dropped (for the offsets of errors).
+    dropped: usize,
+    next: Next,
+    /// Per service name, the hashes of its checked instances.
+    by_service: HashMap<String, Vec<u64>>,
+}
+
+impl crate::watch::StreamDecoder for Census {
+    type Output = HashMap<String, u64>;
+
+    fn feed(&mut self, chunk: &[u8]) -> Result<(), serde_json::Error> {
+        Census::feed(self, chunk).map_err(serde::de::Error::custom)
     }
-    s.eat(b'[')?;
-    if s.peek() == Some(b']') {
-        s.i += 1;
-    } else {
+
+    fn finish(self) -> Result<Self::Output, serde_json::Error> {
+        Census::finish(self).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the scan expects next.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// `[` (or `null`).
+    #[default]
+    Open,
+    /// The first check or `]`.
+    FirstOrClose,
+    /// A check, after a comma.
+    Check,
+    /// `,` or `]`.
+    CommaOrClose,
+    /// Nothing but white space.
+    End,
+}
+
+impl Census {
+    /// A census with nothing read yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the next piece of the answer.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), CensusError> {
+        self.pending.extend_from_slice(chunk);
+        self.scan(false)
+    }
+
+    /// Per service, the digest of its checked instances ([`instances_digest`]), once the whole
+    /// answer was fed. Node checks (no `ServiceID`) are not instances and are left out.
+    pub fn finish(mut self) -> Result<HashMap<String, u64>, CensusError> {
+        self.scan(true)?;
+        if self.next != Next::End {
+            return Err(CensusError {
+                what: if self.next == Next::Open {
+                    "expected `[`"
+                } else {
+                    "unbalanced brackets"
+                },
+                at: self.dropped + self.pending.len(),
+            });
+        }
+        Ok(self
+            .by_service
+            .into_iter()
+            .map(|(name, mut hashes)| (name, digest_of(&mut hashes)))
+            .collect())
+    }
+
+    /// Scans every complete check of `pending` and drops what it scanned. Unless `last`, a
+    /// check (or `null`) cut by the end of `pending` waits for the next chunk.
+    fn scan(&mut self, last: bool) -> Result<(), CensusError> {
+        let mut s = Scan {
+            b: &self.pending,
+            i: 0,
+        };
+        let dropped = self.dropped;
+        let shift = |mut e: CensusError| {
+            e.at += dropped;
+            e
+        };
+        // An error at the end of the bytes received so far only means "more to come".
+        let cut = |e: &CensusError, len: usize| !last && e.at >= len;
+        let len = self.pending.len();
         loop {
-            let check = s.check()?;
-            if let (Some(name), Some(id)) = (check.service_name, check.service_id)
-                && !id.is_empty()
-            {
-                by_service
-                    .entry(name)
-                    .or_default()
-                    .push((check.node.unwrap_or_default(), id));
-            }
-            match s.peek() {
-                Some(b',') => s.i += 1,
-                Some(b']') => {
+            let mark = s.i;
+            let Some(c) = s.peek() else { break };
+            match (self.next, c) {
+                (Next::Open, b'n') => match s.literal(b"null") {
+                    Ok(()) => self.next = Next::End,
+                    Err(_) if !last && len - s.i < 4 && b"null".starts_with(&s.b[s.i..]) => {
+                        s.i = mark;
+                        break;
+                    }
+                    Err(e) => return Err(shift(e)),
+                },
+                (Next::Open, b'[') => {
                     s.i += 1;
-                    break;
+                    self.next = Next::FirstOrClose;
                 }
-                _ => return Err(s.error("expected `,` or `]` after a check")),
+                (Next::Open, _) => return Err(shift(s.error("expected `[`"))),
+                (Next::FirstOrClose | Next::CommaOrClose, b']') => {
+                    s.i += 1;
+                    self.next = Next::End;
+                }
+                (Next::CommaOrClose, b',') => {
+                    s.i += 1;
+                    self.next = Next::Check;
+                }
+                (Next::CommaOrClose, _) => {
+                    return Err(shift(s.error("expected `,` or `]` after a check")));
+                }
+                (Next::FirstOrClose | Next::Check, _) => match s.check() {
+                    Ok(check) => {
+                        self.next = Next::CommaOrClose;
+                        if let (Some(name), Some(id)) = (check.service_name, check.service_id)
+                            && !id.is_empty()
+                        {
+                            let node = check.node.as_deref().unwrap_or("");
+                            let h = pair_hash((node, &id));
+                            match self.by_service.get_mut(name.as_ref()) {
+                                Some(v) => v.push(h),
+                                None => {
+                                    self.by_service.insert(name.into_owned(), vec![h]);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) if cut(&e, len) => {
+                        s.i = mark;
+                        break;
+                    }
+                    Err(e) => return Err(shift(e)),
+                },
+                (Next::End, _) => {
+                    return Err(shift(s.error("trailing bytes after the check list")));
+                }
             }
         }
+        let scanned = s.i;
+        self.pending.drain(..scanned);
+        self.dropped += scanned;
+        Ok(())
     }
-    s.end()?;
-    Ok(by_service
-        .into_iter()
-        .map(|(name, mut pairs)| {
-            pairs.sort_unstable();
-            pairs.dedup();
-            let borrowed: Vec<(&str, &str)> = pairs
-                .iter()
-                .map(|(n, i)| (n.as_ref(), i.as_ref()))
-                .collect();
-            (name.into_owned(), digest(&borrowed))
-        })
-        .collect())
 }
 
 /// The position of the first `"` or `\\` in `s`, eight bytes at a time (most strings of a
@@ -97,9 +216,6 @@ fn quote_or_backslash(s: &[u8]) -> Option<usize> {
         .position(|&c| c == b'"' || c == b'\\')
         .map(|k| i + k)
 }
-
-/// A checked instance: `(node, service ID)`.
-type Instance<'a> = (Cow<'a, str>, Cow<'a, str>);
 
 /// The three strings of a check the census reads.
 #[derive(Default)]
@@ -151,14 +267,6 @@ impl<'a> Scan<'a> {
             Ok(())
         } else {
             Err(self.error("unexpected literal"))
-        }
-    }
-
-    /// Nothing but white space is left.
-    fn end(&mut self) -> Result<(), CensusError> {
-        match self.peek() {
-            None => Ok(()),
-            Some(_) => Err(self.error("trailing bytes after the check list")),
         }
     }
 
@@ -311,9 +419,13 @@ impl<'a> Scan<'a> {
 mod tests {
     use super::*;
 
-    fn digest(v: &[(&str, &str)]) -> u64 {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        BuildHasherDefault::<DefaultHasher>::default().hash_one(v)
+    /// The census of `body` fed in pieces of `size` bytes.
+    fn census(body: &[u8], size: usize) -> Result<HashMap<String, u64>, CensusError> {
+        let mut c = Census::new();
+        for piece in body.chunks(size.max(1)) {
+            c.feed(piece)?;
+        }
+        c.finish()
     }
 
     /// What the census computes, by full deserialization: the reference for the scanner.
@@ -330,18 +442,15 @@ mod tests {
             }
         }
         by.into_iter()
-            .map(|(k, mut v)| {
-                v.sort_unstable();
-                v.dedup();
-                let b: Vec<(&str, &str)> =
-                    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-                (k, digest(&b))
+            .map(|(k, v)| {
+                let d = instances_digest(v.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+                (k, d)
             })
             .collect()
     }
 
     #[test]
-    fn the_scan_agrees_with_full_deserialization() {
+    fn the_scan_agrees_with_full_deserialization_however_the_answer_is_cut() {
         let bodies: [&[u8]; 6] = [
             br#"[
                 {"Node":"n1","CheckID":"serfHealth","ServiceID":"","ServiceName":"","ServiceTags":[]},
@@ -361,15 +470,38 @@ mod tests {
             "[{\"Node\":\"nœud\",\"ServiceID\":\"s-ü\",\"ServiceName\":\"ünï\"}]".as_bytes(),
         ];
         for body in bodies {
-            let scanned = census_digests(body, digest).expect("scans");
-            assert_eq!(scanned, by_serde(body), "{}", String::from_utf8_lossy(body));
+            let want = by_serde(body);
+            for size in [body.len(), 1, 2, 3, 5, 7, 8, 13, 64] {
+                let got = census(body, size).expect("scans");
+                assert_eq!(
+                    got,
+                    want,
+                    "pieces of {size}: {}",
+                    String::from_utf8_lossy(body)
+                );
+            }
         }
+    }
+
+    #[test]
+    fn repeats_and_order_do_not_change_a_digest() {
+        assert_eq!(
+            instances_digest([("n1", "a"), ("n2", "b"), ("n1", "a")]),
+            instances_digest([("n2", "b"), ("n1", "a")])
+        );
+        assert_ne!(
+            instances_digest([("n1", "a")]),
+            instances_digest([("n1", "a"), ("n2", "b")])
+        );
+        assert_ne!(instances_digest([("n1", "a")]), instances_digest([]));
     }
 
     #[test]
     fn malformed_answers_are_errors_that_say_where() {
         for (body, what) in [
             (&b"{}"[..], "expected `[`"),
+            (b"", "expected `[`"),
+            (b"nul", "unexpected literal"),
             (b"[{\"Node\":\"n\"", "expected `,` or `}` in a check"),
             (b"[{\"Node\":\"n", "unterminated string"),
             (b"[{\"Node\" \"n\"}]", "expected `:`"),
@@ -377,6 +509,7 @@ mod tests {
                 b"[{\"Node\":\"n\"}] x",
                 "trailing bytes after the check list",
             ),
+            (b"null x", "trailing bytes after the check list"),
             (b"[{\"Def\":{\"a\":[1,2}", "unterminated object or array"),
             (
                 b"[{\"Node\":\"n\"} {}]",
@@ -384,10 +517,21 @@ mod tests {
             ),
             (b"[{\"Node\":\"\\ud800\"}]", "invalid string"),
             (b"[{\"Node\":}]", "expected a value"),
+            (b"[{},", "unbalanced brackets"),
         ] {
-            let e = census_digests(body, digest).expect_err(what);
-            assert_eq!(e.what, what, "{}", String::from_utf8_lossy(body));
-            assert!(e.to_string().contains("at byte"), "{e}");
+            for size in [body.len(), 1, 3] {
+                let e = census(body, size).expect_err(what);
+                assert_eq!(
+                    e.what,
+                    what,
+                    "pieces of {size}: {}",
+                    String::from_utf8_lossy(body)
+                );
+                assert!(e.to_string().contains("at byte"), "{e}");
+            }
         }
+        // Offsets count from the start of the answer, whatever was dropped before.
+        let e = census(b"[{},{},{}] x", 2).unwrap_err();
+        assert_eq!(e.at, 11);
     }
 }

@@ -805,7 +805,7 @@ impl Coordinator {
                 generation,
                 connect,
                 tags,
-                checked: digest(&Vec::<(String, String)>::new()),
+                checked: census::instances_digest([]),
                 changed: None,
                 kick,
                 task,
@@ -969,7 +969,7 @@ impl Coordinator {
     }
 
     fn on_census(&mut self, ns: Option<String>, by_service: HashMap<String, u64>) {
-        let empty = digest(&Vec::<(String, String)>::new());
+        let empty = census::instances_digest([]);
         let mut kicked = 0usize;
         for (key, w) in &self.watched {
             if key.ns != ns {
@@ -1320,12 +1320,6 @@ async fn feed_task(sh: Arc<Shared>, ns: Option<String>, state: &'static str) {
     }
 }
 
-/// [`census::census_digests`] with the digest of a service watch, as the watch's decoder.
-fn census_digests(body: &[u8]) -> Result<HashMap<String, u64>, serde_json::Error> {
-    census::census_digests(body, |pairs| digest(&pairs))
-        .map_err(<serde_json::Error as serde::de::Error>::custom)
-}
-
 async fn census_task(sh: Arc<Shared>, ns: Option<String>, mut trigger: watch::Receiver<u64>) {
     let mut b = Blocking::new(sh.aggregate_timing.clone());
     let segs = ["v1", "health", "state", "any"];
@@ -1337,8 +1331,14 @@ async fn census_task(sh: Arc<Shared>, ns: Option<String>, mut trigger: watch::Re
         b.pace().await;
         let r = {
             let _permit = sh.fetch_permits.acquire().await;
-            b.query_with(&sh.client, &segs, ns.as_deref(), false, census_digests)
-                .await
+            b.query_stream(
+                &sh.client,
+                &segs,
+                ns.as_deref(),
+                false,
+                census::Census::new(),
+            )
+            .await
         };
         let ev = match r {
             Ok(by_service) => {
@@ -1500,14 +1500,12 @@ async fn send_fragment(
     let mut nodes: Vec<String> = entries.iter().map(|e| e.node.node.clone()).collect();
     nodes.sort_unstable();
     nodes.dedup();
-    let mut checked: Vec<(String, String)> = entries
-        .iter()
-        .filter(|e| e.checks.iter().any(|c| !c.service_id.is_empty()))
-        .map(|e| (e.node.node.clone(), e.service.id.clone()))
-        .collect();
-    checked.sort_unstable();
-    checked.dedup();
-    let checked = digest(&checked);
+    let checked = census::instances_digest(
+        entries
+            .iter()
+            .filter(|e| e.checks.iter().any(|c| !c.service_id.is_empty()))
+            .map(|e| (e.node.node.as_str(), e.service.id.as_str())),
+    );
     let id = if connect {
         identity.borrow().clone()
     } else {
@@ -1684,22 +1682,25 @@ mod tests {
             {"Node":"n1","CheckID":"c1b","ServiceID":"web-1","ServiceName":"web"},
             {"Node":"n\u0031","CheckID":"d","ServiceID":"db\"1","ServiceName":"db"}
         ]"#;
-        let d = census_digests(body).unwrap();
-        let pairs = |v: &[(&str, &str)]| {
-            digest(
-                &v.iter()
-                    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-                    .collect::<Vec<(String, String)>>(),
-            )
-        };
+        let mut c = census::Census::new();
+        for piece in body.chunks(10) {
+            c.feed(piece).unwrap();
+        }
+        let d = c.finish().unwrap();
         assert_eq!(d.len(), 2, "{d:?}");
-        assert_eq!(d["web"], pairs(&[("n1", "web-1"), ("n2", "web-2")]));
+        // As `service_task` computes it from the instances of a fetched service.
+        assert_eq!(
+            d["web"],
+            census::instances_digest([("n1", "web-1"), ("n2", "web-2")])
+        );
         assert_eq!(
             d["db"],
-            pairs(&[("n1", "db\"1")]),
+            census::instances_digest([("n1", "db\"1")]),
             "escaped strings are decoded"
         );
-        assert!(census_digests(b"null").unwrap().is_empty());
+        let mut c = census::Census::new();
+        c.feed(b"null").unwrap();
+        assert!(c.finish().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -222,19 +222,9 @@ impl Blocking {
             let changed = classify(self.index, meta);
             let endpoint = || client.url(segments).to_string();
             let timeout = client.timeout_for(&opts);
-            let body = read_body(resp).await.map_err(|source| {
-                if source.is_timeout() {
-                    ClientError::Timeout {
-                        endpoint: endpoint(),
-                        timeout,
-                    }
-                } else {
-                    ClientError::Transport {
-                        endpoint: endpoint(),
-                        source: source.without_url(),
-                    }
-                }
-            })?;
+            let body = read_body(resp)
+                .await
+                .map_err(|source| body_error(source, endpoint(), timeout))?;
             let t_body = t0.elapsed();
             if changed == Observed::Unchanged {
                 return Ok((None, meta));
@@ -278,6 +268,71 @@ impl Blocking {
             }
         }
     }
+
+    /// [`Blocking::query`] for the largest answers: the body is given to `decoder` chunk by
+    /// chunk as it arrives and never held whole.
+    pub async fn query_stream<D: StreamDecoder>(
+        &mut self,
+        client: &ConsulClient,
+        segments: &[&str],
+        namespace: Option<&str>,
+        block: bool,
+        mut decoder: D,
+    ) -> Result<Option<D::Output>, ClientError> {
+        let opts = QueryOptions {
+            index: if block { self.index } else { 0 },
+            wait: Some(self.timing.wait),
+            namespace,
+        };
+        let result = async {
+            let t0 = std::time::Instant::now();
+            let (mut resp, meta) = client.get_bytes(segments, &opts).await?;
+            let t_head = t0.elapsed();
+            let changed = classify(self.index, meta) == Observed::Changed;
+            let endpoint = || client.url(segments).to_string();
+            let timeout = client.timeout_for(&opts);
+            let decode_error = |source| ClientError::Decode {
+                endpoint: endpoint(),
+                source,
+            };
+            let mut bytes = 0;
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|source| body_error(source, endpoint(), timeout))?
+            {
+                bytes += chunk.len();
+                if changed {
+                    decoder.feed(&chunk).map_err(decode_error)?;
+                }
+            }
+            // The index moves only once the body arrived in full.
+            if !changed {
+                return Ok((None, meta));
+            }
+            let value = decoder.finish().map_err(decode_error)?;
+            tracing::debug!(
+                target: "tagway::timing",
+                endpoint = segments.last().copied().unwrap_or_default(),
+                bytes,
+                head_us = t_head.as_micros() as u64,
+                decoded_us = t0.elapsed().as_micros() as u64,
+                "consul answer, streamed"
+            );
+            Ok((Some(value), meta))
+        }
+        .await;
+        match result {
+            Ok((value, meta)) => {
+                self.observe(meta);
+                Ok(value)
+            }
+            Err(e) => {
+                self.failed();
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Answers at least this large are decoded off the runtime thread (see [`Blocking::query`]).
@@ -288,6 +343,28 @@ fn classify(index: u64, meta: QueryMeta) -> Observed {
     match meta.index {
         Some(n) if n != 0 && n == index => Observed::Unchanged,
         _ => Observed::Changed,
+    }
+}
+
+/// A decoder fed an answer's body chunk by chunk as it arrives ([`Blocking::query_stream`]).
+pub trait StreamDecoder {
+    /// What the whole answer decodes to.
+    type Output;
+    /// Reads the next piece of the body.
+    fn feed(&mut self, chunk: &[u8]) -> Result<(), serde_json::Error>;
+    /// The value, once the whole body was fed.
+    fn finish(self) -> Result<Self::Output, serde_json::Error>;
+}
+
+/// A failure while reading an answer's body.
+fn body_error(source: reqwest::Error, endpoint: String, timeout: Duration) -> ClientError {
+    if source.is_timeout() {
+        ClientError::Timeout { endpoint, timeout }
+    } else {
+        ClientError::Transport {
+            endpoint,
+            source: source.without_url(),
+        }
     }
 }
 
