@@ -271,7 +271,7 @@ impl Blocking {
 
     /// [`Blocking::query`] for the largest answers: the body is given to `decoder` chunk by
     /// chunk as it arrives and never held whole.
-    pub async fn query_stream<D: StreamDecoder>(
+    pub async fn query_stream<D: StreamDecoder + Send + 'static>(
         &mut self,
         client: &ConsulClient,
         segments: &[&str],
@@ -295,6 +295,17 @@ impl Blocking {
                 endpoint: endpoint(),
                 source,
             };
+            // The decoder runs on the blocking pool, a few chunks behind the socket: scanning
+            // a 10 MB answer takes tens of ms the runtime thread spends on other watches.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(STREAM_AHEAD);
+            let worker = changed.then(|| {
+                tokio::task::spawn_blocking(move || {
+                    while let Some(chunk) = rx.blocking_recv() {
+                        decoder.feed(&chunk)?;
+                    }
+                    decoder.finish()
+                })
+            });
             let mut bytes = 0;
             while let Some(chunk) = resp
                 .chunk()
@@ -302,15 +313,22 @@ impl Blocking {
                 .map_err(|source| body_error(source, endpoint(), timeout))?
             {
                 bytes += chunk.len();
-                if changed {
-                    decoder.feed(&chunk).map_err(decode_error)?;
+                // A send fails only when the decoder stopped on an error, told below.
+                if worker.is_some() && tx.send(chunk).await.is_err() {
+                    break;
                 }
             }
+            drop(tx);
             // The index moves only once the body arrived in full.
-            if !changed {
+            let Some(worker) = worker else {
                 return Ok((None, meta));
-            }
-            let value = decoder.finish().map_err(decode_error)?;
+            };
+            let value = match worker.await {
+                Ok(r) => r.map_err(decode_error)?,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Cancelled: the runtime is shutting down, and this watch with it.
+                Err(_) => std::future::pending().await,
+            };
             tracing::debug!(
                 target: "tagway::timing",
                 endpoint = segments.last().copied().unwrap_or_default(),
@@ -335,6 +353,9 @@ impl Blocking {
     }
 }
 
+/// Chunks of a streamed answer received ahead of its decoder.
+const STREAM_AHEAD: usize = 16;
+
 /// Answers at least this large are decoded off the runtime thread (see [`Blocking::query`]).
 pub const OFF_THREAD_DECODE: usize = 256 * 1024;
 
@@ -349,7 +370,7 @@ fn classify(index: u64, meta: QueryMeta) -> Observed {
 /// A decoder fed an answer's body chunk by chunk as it arrives ([`Blocking::query_stream`]).
 pub trait StreamDecoder {
     /// What the whole answer decodes to.
-    type Output;
+    type Output: Send + 'static;
     /// Reads the next piece of the body.
     fn feed(&mut self, chunk: &[u8]) -> Result<(), serde_json::Error>;
     /// The value, once the whole body was fed.
@@ -522,6 +543,57 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ClientError::Decode { .. }), "{err}");
         assert!(err.to_string().contains("/v1/catalog/services"), "{err}");
+    }
+
+    /// A streamed answer is decoded as it arrives, from a single-threaded runtime like the
+    /// gateway's; a broken one is a decode error naming the endpoint and keeps the index; an
+    /// unchanged one is not decoded.
+    #[tokio::test]
+    async fn streamed_answers_are_decoded_chunk_by_chunk() {
+        let checks: Vec<serde_json::Value> = (0..30_000)
+            .map(|i| {
+                serde_json::json!({
+                    "Node": format!("n{}", i % 3), "CheckID": format!("c{i}"),
+                    "ServiceID": format!("s{}-{}", i / 3, i % 3),
+                    "ServiceName": format!("s{}", i / 3), "Output": "x".repeat(100),
+                })
+            })
+            .collect();
+        let body = serde_json::Value::Array(checks).to_string();
+        let broken = format!("{}}}", &body[..body.len() - 1]);
+        let answers = Arc::new(Mutex::new(vec![(7, body.clone()), (8, broken), (7, body)]));
+        let stub = Stub::start(move |_| {
+            let (i, b) = answers.lock().unwrap().remove(0);
+            Reply::json(200, &b).with_index(i)
+        })
+        .await;
+        let c = client(&stub);
+        let mut b = Blocking::new(timing());
+        let segs = ["v1", "health", "state", "any"];
+        let census = crate::census::Census::new;
+        let got = b
+            .query_stream(&c, &segs, None, true, census())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), 10_000);
+        assert_eq!(
+            got["s4242"],
+            crate::census::instances_digest([
+                ("n0", "s4242-0"),
+                ("n1", "s4242-1"),
+                ("n2", "s4242-2")
+            ])
+        );
+        let err = b
+            .query_stream(&c, &segs, None, true, census())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Decode { .. }), "{err}");
+        assert!(err.to_string().contains("/v1/health/state/any"), "{err}");
+        assert_eq!(b.index(), 7, "a broken answer does not move the index");
+        let unchanged = b.query_stream(&c, &segs, None, true, census()).await;
+        assert!(unchanged.unwrap().is_none(), "same index: unchanged");
     }
 
     #[tokio::test]
