@@ -180,21 +180,9 @@ pub(crate) async fn blocking_query<T>(
     let mut abandon = store.abandon_rx();
     let mut finish = false;
     loop {
-        let tq = std::time::Instant::now();
         let ((index, value), mut rxs) = store.read(keys, &mut compute);
         let index = index.max(1);
         if finish || opts.min_index == 0 || index > opts.min_index {
-            if std::env::var_os("CONSUL_BENCH_TRACE").is_some() {
-                eprintln!(
-                    "TMPTRACE {:?} computed in {:?} at {}",
-                    keys,
-                    tq.elapsed(),
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap()
-                        .as_micros()
-                );
-            }
             drop(rxs);
             store.release(keys);
             return (index, value);

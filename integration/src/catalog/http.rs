@@ -377,55 +377,58 @@ async fn catalog_services(State(sh): State<AppState>, headers: HeaderMap, uri: U
 }
 
 /// The body of `/v1/catalog/services` for a reader that sees every service, with no node-meta
-/// filter: each service's `"name":["tag",…]` is serialized again only when one of its
-/// instance records changed (see [`Fragments`]). The same bytes as serializing the whole map.
+/// filter: each service's `"name":["tag",…]` is serialized again only after a write touched
+/// the service (see [`Fragments`]). The same bytes as serializing the whole map.
 fn services_body_from_fragments(st: &CatalogState, frags: &mut Fragments) -> Bytes {
-    // One pass over the nodes (sorted) and their services (sorted by ID) lists each name's
-    // instances in the order of `State::instances`, without a lookup per instance.
-    let mut by_name: HashMap<&str, Vec<&Arc<ServiceRec>>> =
-        HashMap::with_capacity(frags.services.len());
-    for entry in st.nodes.values() {
-        for svc in entry.services.values() {
-            by_name.entry(svc.name.as_str()).or_default().push(svc);
+    let piece = |name: &str, recs: &[&Arc<ServiceRec>]| {
+        let tags: BTreeSet<&str> = recs
+            .iter()
+            .flat_map(|s| s.tags.iter().map(String::as_str))
+            .collect();
+        let mut json = serde_json::to_vec(name).unwrap_or_default();
+        json.push(b':');
+        // Serializing a set of strings into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut json, &tags);
+        json
+    };
+    if frags.services_ready {
+        for name in std::mem::take(&mut frags.dirty) {
+            let recs: Vec<&Arc<ServiceRec>> = st
+                .instances(st.by_name.get(&name))
+                .map(|(_, svc)| svc)
+                .collect();
+            if recs.is_empty() {
+                frags.services.remove(&name);
+            } else {
+                let json = piece(&name, &recs);
+                frags.services.insert(name, json);
+            }
         }
+    } else {
+        // One pass over the nodes (sorted) and their services (sorted by ID) lists each
+        // name's instances in the order of `State::instances`, without a lookup per instance.
+        let mut by_name: HashMap<&str, Vec<&Arc<ServiceRec>>> = HashMap::new();
+        for entry in st.nodes.values() {
+            for svc in entry.services.values() {
+                by_name.entry(svc.name.as_str()).or_default().push(svc);
+            }
+        }
+        frags.services = by_name
+            .into_iter()
+            .map(|(name, recs)| (name.to_owned(), piece(name, &recs)))
+            .collect();
+        frags.dirty.clear();
+        frags.services_ready = true;
     }
-    let mut names: Vec<(&str, Vec<&Arc<ServiceRec>>)> = by_name.into_iter().collect();
-    names.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    frags.epoch += 1;
-    let epoch = frags.epoch;
-    let cache = &mut frags.services;
     let mut out = Vec::with_capacity(frags.services_len + 2);
     out.push(b'{');
-    for (name, recs) in &names {
-        let fresh = |held: &[Arc<ServiceRec>]| {
-            held.len() == recs.len() && held.iter().zip(recs).all(|(a, b)| Arc::ptr_eq(a, b))
-        };
-        let entry = match cache.get_mut(*name) {
-            Some(e) if fresh(&e.held) => e,
-            _ => {
-                let tags: BTreeSet<&str> = recs
-                    .iter()
-                    .flat_map(|s| s.tags.iter().map(String::as_str))
-                    .collect();
-                let mut json = serde_json::to_vec(name).unwrap_or_default();
-                json.push(b':');
-                // Serializing a set of strings into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut json, &tags);
-                let held = recs.iter().map(|r| Arc::clone(r)).collect();
-                cache.insert((*name).to_owned(), Fragment { held, json, epoch });
-                cache.get_mut(*name).expect("just inserted")
-            }
-        };
-        entry.epoch = epoch;
+    for json in frags.services.values() {
         if out.len() > 1 {
             out.push(b',');
         }
-        out.extend_from_slice(&entry.json);
+        out.extend_from_slice(json);
     }
     out.push(b'}');
-    if cache.len() > names.len() {
-        cache.retain(|_, e| e.epoch == epoch);
-    }
     frags.services_len = out.len();
     Bytes::from(out)
 }
@@ -445,12 +448,11 @@ fn all_checks_body_from_fragments(st: &CatalogState, frags: &mut Fragments) -> B
             count += 1;
             let e = cache
                 .entry(Arc::as_ptr(c) as usize)
-                .or_insert_with(|| Fragment {
-                    held: Arc::clone(c),
-                    // Serializing these plain structs into a Vec cannot fail.
-                    json: serde_json::to_vec(&CheckJson::new(c)).unwrap_or_default(),
-                    epoch,
-                });
+                .or_insert_with(|| check_fragment(c, epoch));
+            // The held `Arc` keeps the address from being reused; checked all the same.
+            if !Arc::ptr_eq(&e.held, c) {
+                *e = check_fragment(c, epoch);
+            }
             e.epoch = epoch;
             if out.len() > 1 {
                 out.push(b',');
@@ -464,6 +466,15 @@ fn all_checks_body_from_fragments(st: &CatalogState, frags: &mut Fragments) -> B
     }
     frags.checks_len = out.len();
     Bytes::from(out)
+}
+
+fn check_fragment(c: &Arc<CheckRec>, epoch: u64) -> Fragment<Arc<CheckRec>> {
+    Fragment {
+        held: Arc::clone(c),
+        // Serializing these plain structs into a Vec cannot fail.
+        json: serde_json::to_vec(&CheckJson::new(c)).unwrap_or_default(),
+        epoch,
+    }
 }
 
 async fn catalog_service(

@@ -1143,14 +1143,20 @@ impl Slot {
 pub(crate) type ServicesCache = Option<(u64, u64, bool, Bytes)>;
 
 /// Serialized pieces of the two largest answers (`/v1/catalog/services` and
-/// `/v1/health/state/any`, ~1 MB and ~10 MB at 10,000 services × 3 instances), kept while the
-/// records they were made from are unchanged. Records are immutable `Arc`s replaced on every
-/// write, so pointer equality means "unchanged"; holding the `Arc` keeps its address from being
-/// reused. Only answers for readers that see everything, without filters, use them.
+/// `/v1/health/state/any`, ~1 MB and ~10 MB at 10,000 services × 3 instances), kept while what
+/// they were made from is unchanged: a service's piece until a write touches the service (every
+/// write to an instance touches its service's key, which is what wakes `/v1/health/service`), a
+/// check's piece while its record is the same. Check records are immutable `Arc`s replaced on
+/// every write, so pointer equality means "unchanged"; holding the `Arc` keeps its address from
+/// being reused. Only answers for readers that see everything, without filters, use them.
 #[derive(Default)]
 pub(crate) struct Fragments {
-    /// Per service name: its instances' records, in instance order, and `"name":["tag",…]`.
-    pub(crate) services: HashMap<String, Fragment<Vec<Arc<ServiceRec>>>>,
+    /// Per service name, in name order: `"name":["tag",…]`. Complete only when `services_ready`.
+    pub(crate) services: BTreeMap<String, Vec<u8>>,
+    /// `services` holds every service name, and `dirty` the names written since.
+    pub(crate) services_ready: bool,
+    /// Service names whose instances were written since `services` was brought up to date.
+    pub(crate) dirty: HashSet<String>,
     /// Per check record, by address: the record and its JSON object.
     pub(crate) checks: HashMap<usize, Fragment<Arc<CheckRec>>>,
     /// Counts the answers built: a piece not used by the latest one is dropped.
@@ -1275,6 +1281,16 @@ impl Store {
             let result = f(&mut st, &mut txn);
             if txn.changed() {
                 st.index = txn.index;
+                {
+                    let mut frags = self.fragments.lock().unwrap_or_else(|e| e.into_inner());
+                    if frags.services_ready {
+                        for key in &txn.touched {
+                            if let Key::Service(name) = key {
+                                frags.dirty.insert(name.clone());
+                            }
+                        }
+                    }
+                }
                 let mut slots = self.lock_slots();
                 for key in txn.touched.drain() {
                     let slot = slots.entry(key).or_insert_with(|| Slot::new(txn.index));
@@ -1383,6 +1399,7 @@ impl Store {
             .services_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
+        *self.fragments.lock().unwrap_or_else(|e| e.into_inner()) = Fragments::default();
         self.abandon.send_modify(|g| *g += 1);
     }
 

@@ -1521,6 +1521,16 @@ async fn cached_catalog_and_check_answers_follow_every_write() {
     agree(&r, "instance added").await;
     h.deregister_on_node("db-node", "db-1").expect("deregister");
     agree(&r, "instance removed").await;
+    h.register_node(
+        NodeRegistration::new("db-node", "127.0.0.6").service(
+            ServiceRegistration::new("cache")
+                .id("db-2")
+                .port(6379)
+                .tags(["renamed"]),
+        ),
+    )
+    .expect("rename");
+    agree(&r, "instance renamed to another service").await;
     h.deregister("web-1").expect("deregister");
     h.deregister("web-2").expect("deregister");
     agree(&r, "service gone").await;
