@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::dial::{DialErrorReason, REASONS, reason_index};
-use crate::observability::counters::{ConnectionBuckets, DialBuckets, FailureCounters, Histogram};
+use crate::observability::counters::{
+    ConnectionBuckets, DialBuckets, FailureCounters, Histogram, RareCounts,
+};
 
 /// Counters of a router, a service or a server.
 #[derive(Debug, Default)]
@@ -18,7 +20,7 @@ pub struct Counters {
     /// Bytes from the backend to the client.
     pub bytes_out: AtomicU64,
     /// Failed dials, by reason (index = [`reason_index`], order of [`DialErrorReason::ALL`]).
-    pub dial_errors: [AtomicU64; REASONS],
+    dial_errors: RareCounts<REASONS>,
     /// Sum of the durations of successful dials, in microseconds.
     pub dial_micros: AtomicU64,
     /// Connections closed because no server was available.
@@ -41,12 +43,12 @@ impl Counters {
 
     /// Counts a failed dial.
     pub fn dial_error(&self, reason: DialErrorReason) {
-        self.dial_errors[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+        self.dial_errors.inc(reason_index(reason));
     }
 
     /// Failed dials for `reason`.
     pub fn dial_errors(&self, reason: DialErrorReason) -> u64 {
-        self.dial_errors[reason_index(reason)].load(Ordering::Relaxed)
+        self.dial_errors.get(reason_index(reason))
     }
 
     /// Adds transferred bytes.

@@ -1463,24 +1463,20 @@ async fn service_task(
                 fetched = true;
                 if failing {
                     failing = false;
-                    let _ = sh
-                        .events
-                        .send(Event::Recovered {
-                            what: What::Service(key.clone()),
-                        })
-                        .await;
+                    let _ = Box::pin(sh.events.send(Event::Recovered {
+                        what: What::Service(key.clone()),
+                    }))
+                    .await;
                 }
             }
             Err(e) => {
                 failing = true;
-                if sh
-                    .events
-                    .send(Event::Failed {
-                        what: What::Service(key.clone()),
-                        error: e.to_string(),
-                    })
-                    .await
-                    .is_err()
+                if Box::pin(sh.events.send(Event::Failed {
+                    what: What::Service(key.clone()),
+                    error: e.to_string(),
+                }))
+                .await
+                .is_err()
                 {
                     return;
                 }

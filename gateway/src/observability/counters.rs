@@ -234,26 +234,69 @@ impl fmt::Display for Failure {
     }
 }
 
+/// `N` counters of rare events (failures, dial errors), allocated at the first one: a gateway
+/// with 10,000s of servers and routers keeps one pointer for each that never failed.
+#[derive(Debug)]
+pub struct RareCounts<const N: usize>(OnceLock<Box<[AtomicU64; N]>>);
+
+impl<const N: usize> Default for RareCounts<N> {
+    fn default() -> Self {
+        RareCounts(OnceLock::new())
+    }
+}
+
+impl<const N: usize> RareCounts<N> {
+    /// Adds one to counter `i`.
+    #[inline]
+    pub fn inc(&self, i: usize) {
+        self.0
+            .get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))))[i]
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counter `i`.
+    pub fn get(&self, i: usize) -> u64 {
+        self.0.get().map_or(0, |c| c[i].load(Ordering::Relaxed))
+    }
+}
+
 /// One counter per [`Failure`].
 #[derive(Debug, Default)]
-pub struct FailureCounters([AtomicU64; Failure::COUNT]);
+pub struct FailureCounters(RareCounts<{ Failure::COUNT }>);
 
 impl FailureCounters {
     /// Adds one for `f`.
     #[inline]
     pub fn inc(&self, f: Failure) {
-        self.0[f.index()].fetch_add(1, Ordering::Relaxed);
+        self.0.inc(f.index());
     }
 
     /// The count for `f`.
     pub fn get(&self, f: Failure) -> u64 {
-        self.0[f.index()].load(Ordering::Relaxed)
+        self.0.get(f.index())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rare_counters_are_allocated_at_the_first_event() {
+        let f = FailureCounters::default();
+        assert!(f.0.0.get().is_none());
+        assert_eq!(f.get(Failure::NoRoute), 0);
+        f.inc(Failure::NoRoute);
+        f.inc(Failure::NoRoute);
+        assert_eq!(f.get(Failure::NoRoute), 2);
+        assert!(
+            Failure::ALL
+                .iter()
+                .filter(|x| **x != Failure::NoRoute)
+                .all(|x| f.get(*x) == 0)
+        );
+        assert!(std::mem::size_of::<FailureCounters>() <= 16);
+    }
 
     #[test]
     fn a_histogram_allocates_its_buckets_at_the_first_observation() {
