@@ -867,6 +867,12 @@ impl Coordinator {
             tracing::info!(services = w, max_long_polls = p, mode = ?next, "Consul watch mode changed");
             self.status.mode = next;
             self.mode_tx.send_replace(next);
+            // Watches idle in Feed mode wait only for their kick (long polls see the change).
+            if next == Mode::Direct {
+                for w in self.watched.values() {
+                    w.kick.notify_one();
+                }
+            }
             if next == Mode::Feed && self.watched.len() > self.pending.len() {
                 // Changes between the end of the long polls and the first feed answers (at
                 // start-up no service has long-polled yet: nothing to catch up).
@@ -1379,6 +1385,28 @@ async fn sweeper(mut rx: watch::Receiver<Option<Arc<SweepRequest>>>, rate: u32) 
     }
 }
 
+/// How a long poll of a service watch ended.
+enum LongPoll {
+    Answer(Result<Option<Vec<ServiceEntry>>, ClientError>),
+    /// The mode changed (`false`: the provider is gone).
+    Mode(bool),
+    /// The Connect identity changed (`false`: the provider is gone).
+    Identity(bool),
+}
+
+/// A change of the Connect identity, for a Connect watch; never otherwise (without allocating:
+/// the boxed future is zero-sized).
+fn identity_changed(
+    rx: &mut watch::Receiver<Option<Arc<ConnectIdentity>>>,
+    connect: bool,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), watch::error::RecvError>> + Send + '_>> {
+    if connect {
+        Box::pin(rx.changed())
+    } else {
+        Box::pin(std::future::pending())
+    }
+}
+
 async fn service_task(
     sh: Arc<Shared>,
     key: Key,
@@ -1400,13 +1428,12 @@ async fn service_task(
         let direct = *mode.borrow_and_update() == Mode::Direct;
         let long_poll = direct && fetched && b.index() > 0;
         if fetched && !direct && !failing {
+            // Idle until kicked: 10,000 watches wait here in Feed mode, so the wait is small.
+            // A change to Direct mode kicks every watch (the loop then reads the new mode);
+            // only a Connect watch also waits for the identity (a boxed future, none otherwise).
             tokio::select! {
                 _ = kick.notified() => {}
-                r = mode.changed() => {
-                    if r.is_err() { return; }
-                    continue;
-                }
-                r = identity.changed(), if connect => {
+                r = identity_changed(&mut identity, connect) => {
                     if r.is_err() { return; }
                     if !Box::pin(send_fragment(&sh, &key, generation, connect, entries.as_deref().unwrap_or(&[]), &identity)).await {
                         return;
@@ -1414,22 +1441,44 @@ async fn service_task(
                     continue;
                 }
             }
+            if *mode.borrow() == Mode::Direct {
+                continue;
+            }
         }
         // The request futures are boxed: 10,000 idle watches then hold only their small state.
         let r = if long_poll {
-            tokio::select! {
-                r = Box::pin(async {
-                    b.pace().await;
-                    let _permit = sh.long_permits.acquire().await;
-                    b.query::<Vec<ServiceEntry>>(&sh.client, &segs, ns, true).await
-                }) => r,
-                r = mode.changed() => {
-                    if r.is_err() { return; }
+            let waited = Box::pin(async {
+                tokio::select! {
+                    r = async {
+                        b.pace().await;
+                        let _permit = sh.long_permits.acquire().await;
+                        b.query::<Vec<ServiceEntry>>(&sh.client, &segs, ns, true).await
+                    } => LongPoll::Answer(r),
+                    r = mode.changed() => LongPoll::Mode(r.is_ok()),
+                    r = identity.changed(), if connect => LongPoll::Identity(r.is_ok()),
+                }
+            })
+            .await;
+            match waited {
+                LongPoll::Answer(r) => r,
+                LongPoll::Mode(open) => {
+                    if !open {
+                        return;
+                    }
                     continue;
                 }
-                r = identity.changed(), if connect => {
-                    if r.is_err() { return; }
-                    if !Box::pin(send_fragment(&sh, &key, generation, connect, entries.as_deref().unwrap_or(&[]), &identity)).await {
+                LongPoll::Identity(open) => {
+                    if !open
+                        || !Box::pin(send_fragment(
+                            &sh,
+                            &key,
+                            generation,
+                            connect,
+                            entries.as_deref().unwrap_or(&[]),
+                            &identity,
+                        ))
+                        .await
+                    {
                         return;
                     }
                     continue;
