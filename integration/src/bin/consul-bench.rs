@@ -377,6 +377,8 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
     let hwm = proc.status("VmHWM:");
 
     let limit = Duration::from_secs(60);
+    // The highest RSS read after each change went live.
+    let mut rss_changes = 0;
     // Health: instance 0 of the picked services becomes passing.
     let mut health = Vec::new();
     for &i in &picks {
@@ -391,6 +393,7 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
             "",
         )?;
         health.push(until(gateway, client_ip(i, false), t, limit, |r| r == Some("0")).await?);
+        rss_changes = rss_changes.max(proc.status("VmRSS:"));
     }
     // New instance: the spare backend joins the service.
     let mut added = Vec::new();
@@ -411,6 +414,7 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
             })
             .await?,
         );
+        rss_changes = rss_changes.max(proc.status("VmRSS:"));
     }
     // Tag change: the rule of every instance moves to another client address.
     let mut retagged = Vec::new();
@@ -430,6 +434,7 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
         });
         catalog.register_many(nodes)?;
         retagged.push(until(gateway, client_ip(i, true), t, limit, |r| r.is_some()).await?);
+        rss_changes = rss_changes.max(proc.status("VmRSS:"));
     }
 
     println!("\n## {n} services × {m} instances");
@@ -473,7 +478,16 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
         ms(pct(&mut all, 0.99))
     );
     let final_rss = proc.status("VmRSS:");
-    println!("RSS at the end: {} MiB", final_rss / 1024);
+    println!(
+        "RSS at the end: {} MiB; highest after a change: {} MiB",
+        final_rss / 1024,
+        rss_changes / 1024
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "RSS 2 s after the last change: {} MiB",
+        proc.status("VmRSS:") / 1024
+    );
     println!("load average (1 5 15 min) at the end: {}", load_average());
     if n >= 10_000 {
         println!("\n| issue target at {n} services | measured | target | |");
@@ -491,7 +505,7 @@ async fn run_size(args: &Args, exe: &Path, n: usize) -> Result<()> {
             "≤ 5 s",
             sync <= Duration::from_secs(5),
         );
-        let peak = rss.max(final_rss) / 1024;
+        let peak = rss.max(final_rss).max(rss_changes) / 1024;
         verdict(
             "gateway RSS (max seen)",
             format!("{peak} MiB"),
