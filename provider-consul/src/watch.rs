@@ -199,6 +199,32 @@ impl Blocking {
         .await
     }
 
+    /// The options of the next query: this watch's index when it blocks.
+    fn options<'a>(&self, block: bool, namespace: Option<&'a str>) -> QueryOptions<'a> {
+        QueryOptions {
+            index: if block { self.index } else { 0 },
+            wait: Some(self.timing.wait),
+            namespace,
+        }
+    }
+
+    /// Takes the outcome of a query into the watch's index and backoff.
+    fn settle<T>(
+        &mut self,
+        result: Result<(Option<T>, QueryMeta), ClientError>,
+    ) -> Result<Option<T>, ClientError> {
+        match result {
+            Ok((value, meta)) => {
+                self.observe(meta);
+                Ok(value)
+            }
+            Err(e) => {
+                self.failed();
+                Err(e)
+            }
+        }
+    }
+
     /// [`Blocking::query`] with the answer's body given to `decode` (on the blocking pool for
     /// large answers): a caller can borrow strings from the body instead of copying them.
     pub async fn query_with<T: Send + 'static>(
@@ -209,11 +235,7 @@ impl Blocking {
         block: bool,
         decode: impl FnOnce(&[u8]) -> Result<T, serde_json::Error> + Send + 'static,
     ) -> Result<Option<T>, ClientError> {
-        let opts = QueryOptions {
-            index: if block { self.index } else { 0 },
-            wait: Some(self.timing.wait),
-            namespace,
-        };
+        let opts = self.options(block, namespace);
         let result = async {
             let t0 = std::time::Instant::now();
             let (resp, meta) = client.get_bytes(segments, &opts).await?;
@@ -231,12 +253,7 @@ impl Blocking {
             }
             let bytes = body.len();
             let decoded = if body.len() >= OFF_THREAD_DECODE {
-                match tokio::task::spawn_blocking(move || decode(&body)).await {
-                    Ok(r) => r,
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    // Cancelled: the runtime is shutting down, and this watch with it.
-                    Err(_) => std::future::pending().await,
-                }
+                joined(tokio::task::spawn_blocking(move || decode(&body))).await
             } else {
                 decode(&body)
             };
@@ -244,29 +261,11 @@ impl Blocking {
                 endpoint: endpoint(),
                 source,
             })?;
-            tracing::debug!(
-                target: "tagway::timing",
-                endpoint = segments.first().copied().unwrap_or_default(),
-                last = segments.last().copied().unwrap_or_default(),
-                bytes,
-                head_us = t_head.as_micros() as u64,
-                body_us = t_body.as_micros() as u64,
-                decoded_us = t0.elapsed().as_micros() as u64,
-                "consul answer"
-            );
+            log_answer(segments, bytes, t_head, Some(t_body), t0.elapsed());
             Ok((Some(value), meta))
         }
         .await;
-        match result {
-            Ok((value, meta)) => {
-                self.observe(meta);
-                Ok(value)
-            }
-            Err(e) => {
-                self.failed();
-                Err(e)
-            }
-        }
+        self.settle(result)
     }
 
     /// [`Blocking::query`] for the largest answers: the body is given to `decoder` chunk by
@@ -279,11 +278,7 @@ impl Blocking {
         block: bool,
         mut decoder: D,
     ) -> Result<Option<D::Output>, ClientError> {
-        let opts = QueryOptions {
-            index: if block { self.index } else { 0 },
-            wait: Some(self.timing.wait),
-            namespace,
-        };
+        let opts = self.options(block, namespace);
         let result = async {
             let t0 = std::time::Instant::now();
             let (mut resp, meta) = client.get_bytes(segments, &opts).await?;
@@ -323,33 +318,12 @@ impl Blocking {
             let Some(worker) = worker else {
                 return Ok((None, meta));
             };
-            let value = match worker.await {
-                Ok(r) => r.map_err(decode_error)?,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                // Cancelled: the runtime is shutting down, and this watch with it.
-                Err(_) => std::future::pending().await,
-            };
-            tracing::debug!(
-                target: "tagway::timing",
-                endpoint = segments.last().copied().unwrap_or_default(),
-                bytes,
-                head_us = t_head.as_micros() as u64,
-                decoded_us = t0.elapsed().as_micros() as u64,
-                "consul answer, streamed"
-            );
+            let value = joined(worker).await.map_err(decode_error)?;
+            log_answer(segments, bytes, t_head, None, t0.elapsed());
             Ok((Some(value), meta))
         }
         .await;
-        match result {
-            Ok((value, meta)) => {
-                self.observe(meta);
-                Ok(value)
-            }
-            Err(e) => {
-                self.failed();
-                Err(e)
-            }
-        }
+        self.settle(result)
     }
 }
 
@@ -364,6 +338,37 @@ fn classify(index: u64, meta: QueryMeta) -> Observed {
     match meta.index {
         Some(n) if n != 0 && n == index => Observed::Unchanged,
         _ => Observed::Changed,
+    }
+}
+
+/// Logs (target `tagway::timing`, debug) when an answer's headers arrived, when its body had
+/// (`None`: streamed, decoded as it arrived) and when it was decoded, from the request's start.
+fn log_answer(
+    segments: &[&str],
+    bytes: usize,
+    head: Duration,
+    body: Option<Duration>,
+    decoded: Duration,
+) {
+    tracing::debug!(
+        target: "tagway::timing",
+        endpoint = segments.last().copied().unwrap_or_default(),
+        bytes,
+        head_us = head.as_micros() as u64,
+        body_us = body.map(|b| b.as_micros() as u64),
+        decoded_us = decoded.as_micros() as u64,
+        streamed = body.is_none(),
+        "consul answer"
+    );
+}
+
+/// The result of work on the blocking pool (a panic there is resumed here).
+async fn joined<T>(handle: tokio::task::JoinHandle<T>) -> T {
+    match handle.await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down, and this watch with it.
+        Err(_) => std::future::pending().await,
     }
 }
 
@@ -423,6 +428,16 @@ mod tests {
             8,
         )
         .unwrap()
+    }
+
+    /// A stub giving these answers (index, body) in turn.
+    async fn answering(answers: Vec<(u64, String)>) -> Stub {
+        let answers = Arc::new(Mutex::new(answers));
+        Stub::start(move |_| {
+            let (i, b) = answers.lock().unwrap().remove(0);
+            Reply::json(200, &b).with_index(i)
+        })
+        .await
     }
 
     fn timing() -> Arc<WatchTiming> {
@@ -518,12 +533,7 @@ mod tests {
         let body = serde_json::Value::Object(services).to_string();
         assert!(body.len() >= OFF_THREAD_DECODE, "{}", body.len());
         let broken = format!("{}garbage", &body[..body.len() - 1]);
-        let answers = Arc::new(Mutex::new(vec![(7, body), (8, broken)]));
-        let stub = Stub::start(move |_| {
-            let (i, b) = answers.lock().unwrap().remove(0);
-            Reply::json(200, &b).with_index(i)
-        })
-        .await;
+        let stub = answering(vec![(7, body), (8, broken)]).await;
         let c = client(&stub);
         let mut b = Blocking::new(timing());
         let segs = ["v1", "catalog", "services"];
@@ -561,12 +571,7 @@ mod tests {
             .collect();
         let body = serde_json::Value::Array(checks).to_string();
         let broken = format!("{}}}", &body[..body.len() - 1]);
-        let answers = Arc::new(Mutex::new(vec![(7, body.clone()), (8, broken), (7, body)]));
-        let stub = Stub::start(move |_| {
-            let (i, b) = answers.lock().unwrap().remove(0);
-            Reply::json(200, &b).with_index(i)
-        })
-        .await;
+        let stub = answering(vec![(7, body.clone()), (8, broken), (7, body)]).await;
         let c = client(&stub);
         let mut b = Blocking::new(timing());
         let segs = ["v1", "health", "state", "any"];
