@@ -1136,53 +1136,92 @@ impl std::hash::Hash for Text<'_> {
 type CatalogDigests = BTreeMap<String, u64>;
 
 /// Decodes an answer of `/v1/catalog/services` against the digests of the last one (`None`
-/// before the first), updates them, and says what changed.
+/// before the first and after a broken answer), updates them, and says what changed. The answer
+/// is read entry by entry:
+/// only the tags of one service are held at a time, and only the services that changed are
+/// copied out of it.
 fn catalog_delta(
     body: &[u8],
     conv: &ConvertSettings,
     last: &mut Option<CatalogDigests>,
 ) -> Result<CatalogDelta, serde_json::Error> {
-    let answer: BTreeMap<Text<'_>, Vec<Text<'_>>> = serde_json::from_slice(body)?;
+    use serde::de::DeserializeSeed;
     let full = last.is_none();
-    let prev = last.take().unwrap_or_default();
-    let mut next = CatalogDigests::new();
-    let mut entries = Vec::new();
-    let judge = |tags: &[Text<'_>], d: u64| {
-        if relevant(conv, tags) {
-            CatalogEntry::Relevant {
-                connect: service_connect(conv, tags),
-                tags: d,
-            }
-        } else {
-            CatalogEntry::Ignored
-        }
+    // Taken: after a broken answer the next one is read as a first one (every service listed),
+    // which re-checks everything the broken one may have half-read.
+    let mut delta = DeltaSeed {
+        conv,
+        full,
+        prev: last.take().unwrap_or_default(),
+        next: CatalogDigests::new(),
+        entries: BTreeMap::new(),
     };
-    let mut old = prev.into_iter().peekable();
-    for (name, tags) in &answer {
-        let d = digest(tags);
-        let name = name.as_ref();
-        // Names before this one that the answer no longer lists.
-        while let Some((gone, _)) = old.next_if(|(o, _)| o.as_str() < name) {
-            entries.push((gone, CatalogEntry::Gone));
-        }
-        let same = match old.next_if(|(o, _)| o.as_str() == name) {
-            Some((n, before)) => {
-                let same = before == d;
-                next.insert(n, d);
-                same
-            }
-            None => {
-                next.insert(name.to_owned(), d);
-                false
-            }
-        };
-        if full || !same {
-            entries.push((name.to_owned(), judge(tags, d)));
-        }
-    }
-    entries.extend(old.map(|(gone, _)| (gone, CatalogEntry::Gone)));
+    let mut de = serde_json::Deserializer::from_slice(body);
+    (&mut delta).deserialize(&mut de)?;
+    de.end()?;
+    let DeltaSeed {
+        prev,
+        next,
+        mut entries,
+        ..
+    } = delta;
+    // What the answer no longer lists.
+    entries.extend(prev.into_keys().map(|gone| (gone, CatalogEntry::Gone)));
     *last = Some(next);
-    Ok(CatalogDelta { full, entries })
+    Ok(CatalogDelta {
+        full,
+        entries: entries.into_iter().collect(),
+    })
+}
+
+/// The state of [`catalog_delta`] while the answer is read.
+struct DeltaSeed<'c> {
+    conv: &'c ConvertSettings,
+    full: bool,
+    /// The last answer's digests not yet met in this one.
+    prev: CatalogDigests,
+    next: CatalogDigests,
+    entries: BTreeMap<String, CatalogEntry>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut DeltaSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut DeltaSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map of service names to their tags")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(name) = map.next_key::<Text<'de>>()? {
+            let tags: Vec<Text<'de>> = map.next_value()?;
+            let d = digest(&tags);
+            let (name, same) = match self.prev.remove_entry(name.as_ref()) {
+                Some((owned, before)) => (owned, before == d),
+                None => (name.0.into_owned(), false),
+            };
+            if self.full || !same {
+                let entry = if relevant(self.conv, &tags) {
+                    CatalogEntry::Relevant {
+                        connect: service_connect(self.conv, &tags),
+                        tags: d,
+                    }
+                } else {
+                    CatalogEntry::Ignored
+                };
+                self.entries.insert(name.clone(), entry);
+            }
+            self.next.insert(name, d);
+        }
+        Ok(())
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -1716,6 +1755,13 @@ mod tests {
         assert_eq!(names(&d), ["b", "d", "e"]);
         assert!(d.entries.iter().all(|(_, e)| *e == CatalogEntry::Gone));
         assert!(catalog_delta(b"{\"a\":", &conv, &mut last).is_err());
+        // After a broken answer the next one lists every service again.
+        let d = catalog_delta(br#"{"a":[]}"#, &conv, &mut last).unwrap();
+        assert!(d.full);
+        assert_eq!(names(&d), ["a"]);
+        // Unsorted answers and repeated names are read as a map is.
+        let d = catalog_delta(br#"{"z":["1"],"a":[],"m":[],"z":["2"]}"#, &conv, &mut last).unwrap();
+        assert_eq!(names(&d), ["m", "z"]);
     }
 
     #[test]
