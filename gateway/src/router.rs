@@ -81,48 +81,71 @@ pub fn matches(rule: &Rule, c: &ConnInfo<'_>) -> bool {
     }
 }
 
-/// Routes in priority order, with an index by exact host name, built once per configuration so
-/// that a connection does not evaluate every router's rule: with thousands of
-/// ``HostSNI(`name`)`` routers on one entry point, a lookup costs one hash probe plus the routers
-/// whose rule cannot be indexed (regexps, ClientIP, ALPN, `*`, combinations).
+/// Routes in priority order, with indexes by exact host name and by exact client address,
+/// built once per configuration so that a connection does not evaluate every router's rule: with
+/// thousands of ``HostSNI(`name`)`` or ``ClientIP(`address`)`` routers on one entry point, a
+/// lookup costs a hash probe or two plus the routers whose rule cannot be indexed (regexps,
+/// ranges of addresses, ALPN, `*`, combinations).
 #[derive(Debug, Default)]
 struct Ordered {
     routes: Vec<Arc<Route>>,
+    /// The indexes: they depend only on rules and priorities, so a table whose routes were
+    /// swapped for others with the same rules shares them.
+    index: Arc<Index>,
+}
+
+#[derive(Debug, Default)]
+struct Index {
     /// Lower-case host name (trailing dots trimmed) → positions of the routers whose rule is
     /// exactly ``HostSNI(`…`)`` naming it, ascending.
     by_name: HashMap<String, Vec<usize>>,
+    /// Client address → positions of the routers whose rule is exactly ``ClientIP(`…`)`` with
+    /// only single addresses (`/32`, `/128`), one of them this one, ascending.
+    by_ip: HashMap<IpAddr, Vec<usize>>,
     /// Positions of every other router, ascending.
     other: Vec<usize>,
 }
 
+/// Adds position `i` under `key` (once, however often a rule lists the key).
+fn index_at<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<usize>>, key: K, i: usize) {
+    let at = map.entry(key).or_default();
+    if at.last() != Some(&i) {
+        at.push(i);
+    }
+}
+
 impl Ordered {
     fn new(routes: Vec<Arc<Route>>) -> Self {
-        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut other = Vec::new();
+        let mut index = Index::default();
         for (i, r) in routes.iter().enumerate() {
             match &r.rule {
                 Rule::HostSni(names) if !names.is_empty() && names.iter().all(|n| n != "*") => {
                     for n in names {
                         let key = n.trim_end_matches('.').to_ascii_lowercase();
-                        let at = by_name.entry(key).or_default();
-                        // A name listed twice in one rule is indexed once.
-                        if at.last() != Some(&i) {
-                            at.push(i);
-                        }
+                        index_at(&mut index.by_name, key, i);
                     }
                 }
-                _ => other.push(i),
+                Rule::ClientIp(nets)
+                    if !nets.is_empty()
+                        && nets.iter().all(|n| n.prefix_len() == n.max_prefix_len()) =>
+                {
+                    // A single-address network contains exactly its address (`matches` compares
+                    // it with the canonical client address, as the lookup does).
+                    for n in nets {
+                        index_at(&mut index.by_ip, n.network(), i);
+                    }
+                }
+                _ => index.other.push(i),
             }
         }
         Ordered {
             routes,
-            by_name,
-            other,
+            index: Arc::new(index),
         }
     }
 
     /// The same table with some routes swapped for others of the same name, rule and
-    /// priority (positions and index stay valid).
+    /// priority (positions and indexes stay valid, and are shared).
     fn replaced(&self, with: &HashMap<&str, Arc<Route>>) -> Ordered {
         Ordered {
             routes: self
@@ -130,25 +153,36 @@ impl Ordered {
                 .iter()
                 .map(|r| with.get(&*r.name).unwrap_or(r).clone())
                 .collect(),
-            by_name: self.by_name.clone(),
-            other: self.other.clone(),
+            index: self.index.clone(),
         }
     }
 
     /// The first route (in priority order) whose rule matches.
     fn find(&self, c: &ConnInfo<'_>) -> Option<&Arc<Route>> {
-        // An indexed rule matches exactly when its name list holds the SNI: the first position
-        // listed for the SNI is the best indexed match.
-        let indexed = c.sni.and_then(|sni| {
+        let ix = &*self.index;
+        // An indexed rule matches exactly when its list holds the SNI (or the client address):
+        // the first position listed is the best match of that index.
+        let by_name = c.sni.and_then(|sni| {
             let hit = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
-                self.by_name.get(&sni.to_ascii_lowercase())
+                ix.by_name.get(&sni.to_ascii_lowercase())
             } else {
-                self.by_name.get(sni)
+                ix.by_name.get(sni)
             };
             hit.and_then(|v| v.first().copied())
         });
+        let by_ip = if ix.by_ip.is_empty() {
+            None
+        } else {
+            ix.by_ip
+                .get(&canonical_ip(c.client_ip))
+                .and_then(|v| v.first().copied())
+        };
+        let indexed = match (by_name, by_ip) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let bound = indexed.unwrap_or(usize::MAX);
-        self.other
+        ix.other
             .iter()
             .take_while(|&&i| i < bound)
             .find(|&&i| matches(&self.routes[i].rule, c))
@@ -299,9 +333,9 @@ mod tests {
         );
     }
 
-    /// The index gives the same answer as evaluating every rule in priority order, for names
-    /// in and out of the index, case, trailing dots, priorities that interleave indexed and
-    /// non-indexed routers, and duplicates.
+    /// The indexes give the same answer as evaluating every rule in priority order, for names
+    /// and addresses in and out of them, case, trailing dots, IPv4-mapped client addresses,
+    /// priorities that interleave indexed and non-indexed routers, and duplicates.
     #[test]
     fn indexed_lookup_agrees_with_a_linear_scan() {
         let rules = [
@@ -310,6 +344,11 @@ mod tests {
             ("dup", "HostSNI(`c.example`, `c.example`)", None),
             ("re", "HostSNIRegexp(`^[ab]\\.example$`)", Some(6)),
             ("ip", "ClientIP(`10.0.0.0/8`)", Some(100)),
+            ("host1", "ClientIP(`10.1.2.3`)", Some(150)),
+            ("host2", "ClientIP(`192.0.2.9/32`, `2001:db8::1`)", Some(4)),
+            ("host3", "ClientIP(`192.0.2.9`)", Some(-5)),
+            ("hostdup", "ClientIP(`10.0.0.1`, `10.0.0.1`)", Some(9)),
+            ("mixed", "ClientIP(`10.0.0.1`, `172.16.0.0/12`)", Some(10)),
             (
                 "and",
                 "HostSNI(`b.example`) && ClientIP(`192.0.2.0/24`)",
@@ -344,7 +383,15 @@ mod tests {
             None,
         ] {
             for alpn in [none, &h2[..]] {
-                for ip in ["10.1.2.3", "192.0.2.9", "::ffff:10.0.0.1", "2001:db8::1"] {
+                for ip in [
+                    "10.1.2.3",
+                    "192.0.2.9",
+                    "::ffff:10.0.0.1",
+                    "2001:db8::1",
+                    "::ffff:192.0.2.9",
+                    "172.16.5.5",
+                    "10.0.0.1",
+                ] {
                     let mut c = info(sni, alpn, ip);
                     c.tls = true;
                     let linear = sorted.iter().find(|r| matches(&r.rule, &c));
@@ -357,7 +404,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 56);
+        assert_eq!(checked, 98);
     }
 
     #[test]
