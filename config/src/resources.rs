@@ -150,20 +150,9 @@ pub enum Change {
 pub fn diff<'a, T: PartialEq>(
     a: &'a Resources<T>,
     b: &'a Resources<T>,
-    f: impl FnMut(&'a str, Change),
-) {
-    diff_sorted(a.iter(), b.iter(), |x, y| same(x, y), f);
-}
-
-/// [`diff`] for any two name-ordered sequences (a `BTreeMap`'s iterators): `f` gets every name
-/// only one of them has, and every name whose values `equal` says differ.
-pub fn diff_sorted<'a, V: 'a>(
-    a: impl IntoIterator<Item = (&'a String, &'a V)>,
-    b: impl IntoIterator<Item = (&'a String, &'a V)>,
-    equal: impl Fn(&V, &V) -> bool,
     mut f: impl FnMut(&'a str, Change),
 ) {
-    let (mut ia, mut ib) = (a.into_iter().peekable(), b.into_iter().peekable());
+    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
     loop {
         let step = match (ia.peek(), ib.peek()) {
             (None, None) => break,
@@ -184,7 +173,7 @@ pub fn diff_sorted<'a, V: 'a>(
             }
             std::cmp::Ordering::Equal => {
                 if let (Some((k, va)), Some((_, vb))) = (ia.next(), ib.next())
-                    && !equal(va, vb)
+                    && !same(va, vb)
                 {
                     f(k, Change::Changed);
                 }

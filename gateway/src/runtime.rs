@@ -772,6 +772,14 @@ mod tests {
         s
     }
 
+    fn router(rule: &str, svc: &str) -> Router {
+        Router {
+            rule: rule.into(),
+            service: svc.into(),
+            ..Default::default()
+        }
+    }
+
     fn lb(addrs: &[&str]) -> Service {
         Service {
             load_balancer: Some(LoadBalancer {
@@ -810,11 +818,6 @@ mod tests {
                 }),
             },
         );
-        let router = |rule: &str, svc: &str| Router {
-            rule: rule.into(),
-            service: svc.into(),
-            ..Default::default()
-        };
         d.tcp
             .routers
             .insert("ok@file".into(), router("HostSNI(`*`)", "a@file"));
@@ -890,13 +893,6 @@ mod tests {
                 ..Default::default()
             },
         );
-        fn router(rule: &str, svc: &str) -> Router {
-            Router {
-                rule: rule.into(),
-                service: svc.into(),
-                ..Default::default()
-            }
-        }
         fn weighted(children: &[&str]) -> Service {
             Service {
                 load_balancer: None,

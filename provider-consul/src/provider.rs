@@ -1115,20 +1115,15 @@ enum CatalogEntry {
     Gone,
 }
 
-/// A string of a catalog answer, borrowed from it unless JSON escapes force a copy.
-#[derive(serde::Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+/// A string of a catalog answer, borrowed from it unless JSON escapes force a copy. It hashes
+/// as a `String` does (a newtype hashes as its one field), so a digest of borrowed tags equals
+/// one of owned tags.
+#[derive(serde::Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
 impl AsRef<str> for Text<'_> {
     fn as_ref(&self) -> &str {
         &self.0
-    }
-}
-
-impl std::hash::Hash for Text<'_> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // As a `String` hashes: a digest of borrowed tags equals one of owned tags.
-        self.0.as_ref().hash(state)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The HTTP API (axum on hyper), the accept loop with per-connection abort (for dropped
 //! connection faults) and graceful shutdown.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +42,7 @@ use super::json::{
 };
 use super::model::CheckStatus;
 use super::state::{
-    CONSUL_VERSION, CheckRec, Fragment, Fragments, Key, NodeEntry, NodeRec, ServiceRec,
+    CONSUL_VERSION, CheckPiece, CheckRec, Fragments, Key, NodeEntry, NodeRec,
     State as CatalogState, Store, TtlError,
 };
 use super::util::{parse_go_bool, uuid_v4};
@@ -380,45 +380,28 @@ async fn catalog_services(State(sh): State<AppState>, headers: HeaderMap, uri: U
 /// filter: each service's `"name":["tag",…]` is serialized again only after a write touched
 /// the service (see [`Fragments`]). The same bytes as serializing the whole map.
 fn services_body_from_fragments(st: &CatalogState, frags: &mut Fragments) -> Bytes {
-    let piece = |name: &str, recs: &[&Arc<ServiceRec>]| {
-        let tags: BTreeSet<&str> = recs
-            .iter()
-            .flat_map(|s| s.tags.iter().map(String::as_str))
-            .collect();
-        let mut json = serde_json::to_vec(name).unwrap_or_default();
+    if !frags.services_ready {
+        // The first answer (or the first after a rewind): every service is to be serialized.
+        frags.services.clear();
+        frags.dirty = st.by_name.keys().cloned().collect();
+        frags.services_ready = true;
+    }
+    for name in std::mem::take(&mut frags.dirty) {
+        let mut tags: BTreeSet<&str> = BTreeSet::new();
+        let mut listed = false;
+        for (_, svc) in st.instances(st.by_name.get(&name)) {
+            listed = true;
+            tags.extend(svc.tags.iter().map(String::as_str));
+        }
+        if !listed {
+            frags.services.remove(&name);
+            continue;
+        }
+        let mut json = serde_json::to_vec(&name).unwrap_or_default();
         json.push(b':');
         // Serializing a set of strings into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut json, &tags);
-        json
-    };
-    if frags.services_ready {
-        for name in std::mem::take(&mut frags.dirty) {
-            let recs: Vec<&Arc<ServiceRec>> = st
-                .instances(st.by_name.get(&name))
-                .map(|(_, svc)| svc)
-                .collect();
-            if recs.is_empty() {
-                frags.services.remove(&name);
-            } else {
-                let json = piece(&name, &recs);
-                frags.services.insert(name, json);
-            }
-        }
-    } else {
-        // One pass over the nodes (sorted) and their services (sorted by ID) lists each
-        // name's instances in the order of `State::instances`, without a lookup per instance.
-        let mut by_name: HashMap<&str, Vec<&Arc<ServiceRec>>> = HashMap::new();
-        for entry in st.nodes.values() {
-            for svc in entry.services.values() {
-                by_name.entry(svc.name.as_str()).or_default().push(svc);
-            }
-        }
-        frags.services = by_name
-            .into_iter()
-            .map(|(name, recs)| (name.to_owned(), piece(name, &recs)))
-            .collect();
-        frags.dirty.clear();
-        frags.services_ready = true;
+        frags.services.insert(name, json);
     }
     let mut out = Vec::with_capacity(frags.services_len + 2);
     out.push(b'{');
@@ -448,11 +431,12 @@ fn all_checks_body_from_fragments(st: &CatalogState, frags: &mut Fragments) -> B
             count += 1;
             let e = cache
                 .entry(Arc::as_ptr(c) as usize)
-                .or_insert_with(|| check_fragment(c, epoch));
-            // The held `Arc` keeps the address from being reused; checked all the same.
-            if !Arc::ptr_eq(&e.held, c) {
-                *e = check_fragment(c, epoch);
-            }
+                .or_insert_with(|| CheckPiece {
+                    _record: Arc::clone(c),
+                    // Serializing these plain structs into a Vec cannot fail.
+                    json: serde_json::to_vec(&CheckJson::new(c)).unwrap_or_default(),
+                    epoch,
+                });
             e.epoch = epoch;
             if out.len() > 1 {
                 out.push(b',');
@@ -466,15 +450,6 @@ fn all_checks_body_from_fragments(st: &CatalogState, frags: &mut Fragments) -> B
     }
     frags.checks_len = out.len();
     Bytes::from(out)
-}
-
-fn check_fragment(c: &Arc<CheckRec>, epoch: u64) -> Fragment<Arc<CheckRec>> {
-    Fragment {
-        held: Arc::clone(c),
-        // Serializing these plain structs into a Vec cannot fail.
-        json: serde_json::to_vec(&CheckJson::new(c)).unwrap_or_default(),
-        epoch,
-    }
 }
 
 async fn catalog_service(

@@ -1158,7 +1158,7 @@ pub(crate) struct Fragments {
     /// Service names whose instances were written since `services` was brought up to date.
     pub(crate) dirty: HashSet<String>,
     /// Per check record, by address: the record and its JSON object.
-    pub(crate) checks: HashMap<usize, Fragment<Arc<CheckRec>>>,
+    pub(crate) checks: HashMap<usize, CheckPiece>,
     /// Counts the answers built: a piece not used by the latest one is dropped.
     pub(crate) epoch: u64,
     /// The length of the last answer of each kind (the next one reserves as much).
@@ -1166,9 +1166,10 @@ pub(crate) struct Fragments {
     pub(crate) checks_len: usize,
 }
 
-/// One serialized piece and the records it was made from.
-pub(crate) struct Fragment<T> {
-    pub(crate) held: T,
+/// The JSON of one check, and the record it was made from.
+pub(crate) struct CheckPiece {
+    /// Held so that the record's address, the piece's key, is not reused while the piece lives.
+    pub(crate) _record: Arc<CheckRec>,
     pub(crate) json: Vec<u8>,
     /// The answer that last used it.
     pub(crate) epoch: u64,
