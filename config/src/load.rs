@@ -256,9 +256,9 @@ pub(crate) fn dynamic_from_node(
 impl Dynamic {
     /// Makes relative certificate and CA paths absolute against `dir` (inline PEM untouched).
     pub fn resolve_paths(&mut self, dir: &Path) {
-        for t in self.tcp.servers_transports.values_mut() {
-            t.resolve_paths(dir);
-        }
+        self.tcp
+            .servers_transports
+            .for_each_mut(|_, t| t.resolve_paths(dir));
         for c in &mut self.tls.certificates {
             c.cert_file.resolve_against(dir);
             c.key_file.resolve_against(dir);

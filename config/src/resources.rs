@@ -2,31 +2,34 @@
 //!
 //! A gateway fed by a large Consul catalog holds the same configuration in several places at once
 //! (the provider's output, the merged and validated configuration, the configuration the runtime
-//! tables were compiled from, the one observability reports). Sharing each resource means a
-//! change to one service copies one resource, not the whole configuration, and comparing two
-//! generations costs a pointer comparison per unchanged resource.
+//! tables were compiled from, the one observability reports). The collection is a persistent
+//! B-tree ([`imbl::OrdMap`]): copying it copies one pointer, a change copies the path to the
+//! changed name (a few nodes, not the 10,000 names), and two generations share every node that
+//! did not change. Comparing two generations skips the shared nodes, and each resource is an
+//! [`Arc`] too, so a copy-on-write copies one resource, not the configuration.
 
-use std::collections::btree_map;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use imbl::OrdMap;
+use imbl::ordmap::{DiffItem, Entry};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Resources of one kind (`tcp.routers`, `tcp.services`, …) by name, sorted by name.
 ///
-/// Reads go through [`Deref`] to the underlying `BTreeMap<String, Arc<T>>` (`get`, `iter`,
-/// `keys`, `contains_key`, `len`, …). Writes take plain values (`insert(name, Router { … })`) and
-/// copy a shared resource only when it is changed ([`Resources::get_mut`] is
-/// [`Arc::make_mut`]). Two collections are equal when they have the same names and each pair of
-/// resources is the same allocation or compares equal.
-pub struct Resources<T>(BTreeMap<String, Arc<T>>);
+/// Reads go through [`Deref`] to the underlying persistent map `OrdMap<String, Arc<T>>` (`get`,
+/// `iter`, `keys`, `contains_key`, `len`, …). Writes take plain values (`insert(name, Router { …
+/// })`) and copy a shared resource only when it is changed ([`Resources::get_mut`] is
+/// [`Arc::make_mut`]). Cloning is O(1). Two collections are equal when they have the same names
+/// and each pair of resources is the same allocation or compares equal.
+pub struct Resources<T>(OrdMap<String, Arc<T>>);
 
 impl<T> Resources<T> {
     /// An empty collection.
     pub fn new() -> Self {
-        Resources(BTreeMap::new())
+        Resources(OrdMap::new())
     }
 
     /// True when there is no resource.
@@ -51,17 +54,34 @@ impl<T> Resources<T> {
 
     /// Keeps the resources for which `keep` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &T) -> bool) {
-        self.0.retain(|k, v| keep(k, v));
+        let gone: Vec<String> = self
+            .0
+            .iter()
+            .filter(|(k, v)| !keep(k, v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.0.remove(&k);
+        }
     }
 
     /// The entry of `name`, to insert or update shared values in place.
-    pub fn entry(&mut self, name: String) -> btree_map::Entry<'_, String, Arc<T>> {
+    pub fn entry(
+        &mut self,
+        name: String,
+    ) -> Entry<'_, String, Arc<T>, imbl::shared_ptr::DefaultSharedPtr> {
         self.0.entry(name)
     }
 
     /// The underlying map, mutably.
-    pub fn as_map_mut(&mut self) -> &mut BTreeMap<String, Arc<T>> {
+    pub fn as_map_mut(&mut self) -> &mut OrdMap<String, Arc<T>> {
         &mut self.0
+    }
+
+    /// True when both are the same generation of the collection (one was cloned from the other
+    /// and neither changed since): O(1).
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        self.0.ptr_eq(&other.0)
     }
 }
 
@@ -71,19 +91,19 @@ impl<T: Clone> Resources<T> {
         self.0.get_mut(name).map(Arc::make_mut)
     }
 
-    /// Every resource, for changing it (the shared ones are copied first).
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut T)> {
-        self.0.iter_mut().map(|(k, v)| (k, Arc::make_mut(v)))
-    }
-
-    /// Every resource, for changing it (the shared ones are copied first).
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.0.values_mut().map(Arc::make_mut)
+    /// Calls `f` with every resource, for changing it (the shared ones are copied first).
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&str, &mut T)) {
+        let names: Vec<String> = self.0.keys().cloned().collect();
+        for n in names {
+            if let Some(v) = self.0.get_mut(&n) {
+                f(&n, Arc::make_mut(v));
+            }
+        }
     }
 }
 
 impl<T> Deref for Resources<T> {
-    type Target = BTreeMap<String, Arc<T>>;
+    type Target = OrdMap<String, Arc<T>>;
 
     fn deref(&self) -> &Self::Target {
         &self.0
@@ -92,12 +112,12 @@ impl<T> Deref for Resources<T> {
 
 impl<T> Default for Resources<T> {
     fn default() -> Self {
-        Resources(BTreeMap::new())
+        Resources(OrdMap::new())
     }
 }
 
 impl<T> Clone for Resources<T> {
-    /// Copies the names and shares the resources.
+    /// Shares the whole collection (O(1)); the copies part at their first change.
     fn clone(&self) -> Self {
         Resources(self.0.clone())
     }
@@ -105,18 +125,24 @@ impl<T> Clone for Resources<T> {
 
 impl<T: fmt::Debug> fmt::Debug for Resources<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        f.debug_map().entries(self.0.iter()).finish()
     }
 }
 
 impl<T: PartialEq> PartialEq for Resources<T> {
     fn eq(&self, other: &Self) -> bool {
-        self.0.len() == other.0.len()
-            && self
-                .0
-                .iter()
-                .zip(other.0.iter())
-                .all(|((ka, va), (kb, vb))| ka == kb && same(va, vb))
+        if self.0.ptr_eq(&other.0) {
+            return true;
+        }
+        if self.0.len() != other.0.len() {
+            return false;
+        }
+        let mut equal = true;
+        diff_until(self, other, |_, _| {
+            equal = false;
+            false
+        });
+        equal
     }
 }
 
@@ -145,39 +171,37 @@ pub enum Change {
     Changed,
 }
 
-/// Calls `f` for every name `a` and `b` disagree on, in name order, walking both together: a
-/// pointer comparison per shared resource, no lookups.
+/// Calls `f` for every name `a` and `b` disagree on, in name order. The walk skips the nodes both
+/// collections share, so comparing two generations of a 10,000-name collection that differ in
+/// one name visits a few nodes, and compares shared resources by pointer.
 pub fn diff<'a, T: PartialEq>(
     a: &'a Resources<T>,
     b: &'a Resources<T>,
     mut f: impl FnMut(&'a str, Change),
 ) {
-    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
-    loop {
-        let step = match (ia.peek(), ib.peek()) {
-            (None, None) => break,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+    diff_until(a, b, |n, c| {
+        f(n, c);
+        true
+    });
+}
+
+/// [`diff`] that stops when `f` returns false.
+fn diff_until<'a, T: PartialEq>(
+    a: &'a Resources<T>,
+    b: &'a Resources<T>,
+    mut f: impl FnMut(&'a str, Change) -> bool,
+) {
+    for item in a.0.diff(&b.0) {
+        let go = match item {
+            DiffItem::Add(k, _) => f(k, Change::Added),
+            DiffItem::Remove(k, _) => f(k, Change::Removed),
+            DiffItem::Update {
+                old: (k, va),
+                new: (_, vb),
+            } => same(va, vb) || f(k, Change::Changed),
         };
-        match step {
-            std::cmp::Ordering::Less => {
-                if let Some((k, _)) = ia.next() {
-                    f(k, Change::Removed);
-                }
-            }
-            std::cmp::Ordering::Greater => {
-                if let Some((k, _)) = ib.next() {
-                    f(k, Change::Added);
-                }
-            }
-            std::cmp::Ordering::Equal => {
-                if let (Some((k, va)), Some((_, vb))) = (ia.next(), ib.next())
-                    && !same(va, vb)
-                {
-                    f(k, Change::Changed);
-                }
-            }
+        if !go {
+            return;
         }
     }
 }
@@ -239,7 +263,8 @@ impl<'a> Changes<'a> {
                     services.contains(s)
                 }
             };
-            for (n, r) in prev.tcp.routers.iter().chain(next.tcp.routers.iter()) {
+            // `next`'s routers suffice: a router of `prev` alone, or changed, is already in.
+            for (n, r) in &next.tcp.routers {
                 if touched(&r.service) {
                     routers.insert(n.as_str());
                 }
@@ -288,7 +313,7 @@ impl<T> From<BTreeMap<String, T>> for Resources<T> {
 
 impl<T> IntoIterator for Resources<T> {
     type Item = (String, Arc<T>);
-    type IntoIter = btree_map::IntoIter<String, Arc<T>>;
+    type IntoIter = imbl::ordmap::ConsumingIter<String, Arc<T>, imbl::shared_ptr::DefaultSharedPtr>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.0.into_iter()
@@ -297,7 +322,7 @@ impl<T> IntoIterator for Resources<T> {
 
 impl<'a, T> IntoIterator for &'a Resources<T> {
     type Item = (&'a String, &'a Arc<T>);
-    type IntoIter = btree_map::Iter<'a, String, Arc<T>>;
+    type IntoIter = imbl::ordmap::Iter<'a, String, Arc<T>, imbl::shared_ptr::DefaultSharedPtr>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter()

@@ -147,12 +147,16 @@ impl Ordered {
     /// The same table with some routes swapped for others of the same name, rule and
     /// priority (positions and indexes stay valid, and are shared).
     fn replaced(&self, with: &HashMap<&str, Arc<Route>>) -> Ordered {
+        let mut routes = self.routes.clone();
+        // The routes are sorted by (priority, name), which the replacements keep: each is found
+        // by binary search, not by looking every route's name up.
+        for r in with.values() {
+            if let Ok(i) = routes.binary_search_by(|x| order(x, r)) {
+                routes[i] = r.clone();
+            }
+        }
         Ordered {
-            routes: self
-                .routes
-                .iter()
-                .map(|r| with.get(&*r.name).unwrap_or(r).clone())
-                .collect(),
+            routes,
             index: self.index.clone(),
         }
     }
@@ -191,6 +195,13 @@ impl Ordered {
     }
 }
 
+/// The order of an entry point's routes: priority, highest first, then name.
+fn order(a: &Arc<Route>, b: &Arc<Route>) -> std::cmp::Ordering {
+    b.priority
+        .cmp(&a.priority)
+        .then_with(|| a.name.cmp(&b.name))
+}
+
 /// The routes of one entry point.
 #[derive(Debug, Default)]
 pub struct EntryTable {
@@ -203,11 +214,6 @@ impl EntryTable {
     pub fn new(routes: Vec<Arc<Route>>) -> Self {
         let (mut tls_routes, mut plain_routes): (Vec<_>, Vec<_>) =
             routes.into_iter().partition(|r| r.tls != TlsMode::None);
-        let order = |a: &Arc<Route>, b: &Arc<Route>| {
-            b.priority
-                .cmp(&a.priority)
-                .then_with(|| a.name.cmp(&b.name))
-        };
         tls_routes.sort_by(order);
         plain_routes.sort_by(order);
         EntryTable {

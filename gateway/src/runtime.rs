@@ -21,6 +21,11 @@ use crate::router::{EntryTable, Route, TlsMode};
 
 pub use tagway_transport::DEFAULT_TRANSPORT;
 
+/// A table by resource name: a persistent hash map, so that a reload copies the few entries it
+/// changes and shares the rest with the tables in use (a clone is O(1)), and dropping the
+/// previous generation frees only what it did not share.
+pub type Names<V> = imbl::HashMap<String, V>;
+
 /// A resource that could not be compiled (the rest of the configuration still applies).
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{kind} {name}: {message}")]
@@ -42,13 +47,13 @@ pub struct Tables {
     /// TLS termination configurations, per `tls.options` name (routers hold theirs).
     pub tls: crate::tls::TlsConfigs,
     /// Services by name.
-    pub services: HashMap<String, Arc<Balancer>>,
+    pub services: Names<Arc<Balancer>>,
     /// Routers by name.
-    pub routers: HashMap<String, Arc<Route>>,
+    pub routers: Names<Arc<Route>>,
     /// Middlewares by name (the ones that compiled).
-    pub middlewares: HashMap<String, Arc<Middleware>>,
+    pub middlewares: Names<Arc<Middleware>>,
     /// Per service, its `((service, address), state)`: shared as a whole by a reused service.
-    servers: HashMap<String, ServerList>,
+    servers: Names<ServerList>,
     transports: Option<Transports>,
     health: HealthChecks,
     /// The configuration these tables were compiled from (set by [`compile_shared`]): the next
@@ -570,7 +575,7 @@ pub fn compile(
         .keys()
         .map(|k| (k.clone(), Vec::new()))
         .collect();
-    let mut routers = HashMap::new();
+    let mut routers = Names::new();
     for (name, r) in &dynamic.tcp.routers {
         let res = compile_router(&mut cx, &middlewares, &tls, name, r);
         let route = match res {
@@ -606,7 +611,7 @@ pub fn compile(
         tls,
         services,
         routers,
-        servers: cx.servers,
+        servers: cx.servers.into_iter().collect(),
         transports: cx.transports,
         health: cx.health,
         source: None,

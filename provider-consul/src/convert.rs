@@ -647,6 +647,11 @@ pub struct Merger {
     /// (so only one copy is kept at rest).
     merged: Arc<Dynamic>,
     conflicts: BTreeMap<(Kind, String), CatalogError>,
+    /// Who references what in `merged`: `(kind, name)` → the routers and services whose
+    /// reference to it carries no provider, this provider's or the file provider's. Kept as the
+    /// merged routers and services change, so that a name appearing or disappearing finds its
+    /// referrers without a walk over every router and service.
+    referrers: HashMap<(Kind, String), BTreeSet<(Kind, String)>>,
 }
 
 impl Merger {
@@ -736,42 +741,55 @@ impl Merger {
     /// Routers and services of the merged configuration that reference `name` of `kind` without
     /// a provider (as written, or as resolved to the file provider's).
     fn referencing(&self, kind: Kind, name: &str) -> Vec<(Kind, String)> {
-        let foreign = format!("{name}@{FILE_PROVIDER}");
-        let own = format!("{name}@{}", crate::PROVIDER_NAME);
-        let hit = |r: &str| r == name || r == foreign || r == own;
+        self.referrers
+            .get(&(kind, name.to_owned()))
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// What the merged router or service `(kind, name)` references, by unqualified name (the
+    /// references to other providers than this one and the file provider are not tracked).
+    fn references(&self, kind: Kind, name: &str) -> Vec<(Kind, String)> {
+        let base = |r: &str| -> Option<String> {
+            let b = match r.split_once('@') {
+                None => r,
+                Some((b, p)) if p == FILE_PROVIDER || p == crate::PROVIDER_NAME => b,
+                Some(_) => return None,
+            };
+            (!b.is_empty()).then(|| b.to_owned())
+        };
         let tcp = &self.merged.tcp;
         let mut out = Vec::new();
         match kind {
-            Kind::Service | Kind::Middleware => {
-                for (rn, r) in &tcp.routers {
-                    let refers = match kind {
-                        Kind::Service => hit(&r.service),
-                        _ => r.middlewares.iter().any(|m| hit(m)),
-                    };
-                    if refers {
-                        out.push((Kind::Router, rn.clone()));
-                    }
+            Kind::Router => {
+                if let Some(r) = tcp.routers.get(name) {
+                    out.extend(base(&r.service).map(|n| (Kind::Service, n)));
+                    out.extend(
+                        r.middlewares
+                            .iter()
+                            .filter_map(|m| base(m).map(|n| (Kind::Middleware, n))),
+                    );
                 }
             }
-            Kind::Transport | Kind::Router => {}
-        }
-        if matches!(kind, Kind::Service | Kind::Transport) {
-            for (sn, s) in &tcp.services {
-                let refers = match kind {
-                    Kind::Transport => s
+            Kind::Service => {
+                if let Some(s) = tcp.services.get(name) {
+                    if let Some(t) = s
                         .load_balancer
                         .as_ref()
                         .and_then(|lb| lb.servers_transport.as_deref())
-                        .is_some_and(hit),
-                    _ => s
-                        .weighted
-                        .as_ref()
-                        .is_some_and(|w| w.services.iter().any(|x| hit(&x.name))),
-                };
-                if refers {
-                    out.push((Kind::Service, sn.clone()));
+                    {
+                        out.extend(base(t).map(|n| (Kind::Transport, n)));
+                    }
+                    if let Some(w) = &s.weighted {
+                        out.extend(
+                            w.services
+                                .iter()
+                                .filter_map(|x| base(&x.name).map(|n| (Kind::Service, n))),
+                        );
+                    }
                 }
             }
+            Kind::Middleware | Kind::Transport => {}
         }
         out
     }
@@ -847,7 +865,30 @@ impl Merger {
         self.fragments.get(&owner.0).and_then(|f| f.item(&owner.1))
     }
 
+    /// Recomputes the merged `(kind, name)` from its owners, and keeps [`Merger::referrers`] up
+    /// to date with what it references now.
     fn recompute(&mut self, kind: Kind, name: &str) {
+        let before = self.references(kind, name);
+        self.recompute_resource(kind, name);
+        let after = self.references(kind, name);
+        if before == after {
+            return;
+        }
+        let me = (kind, name.to_owned());
+        for target in before {
+            if let Some(set) = self.referrers.get_mut(&target) {
+                set.remove(&me);
+                if set.is_empty() {
+                    self.referrers.remove(&target);
+                }
+            }
+        }
+        for target in after {
+            self.referrers.entry(target).or_default().insert(me.clone());
+        }
+    }
+
+    fn recompute_resource(&mut self, kind: Kind, name: &str) {
         let key = (kind, name.to_owned());
         self.conflicts.remove(&key);
         let owners: Vec<Owner> = self.owners.get(&key).cloned().unwrap_or_default();
@@ -1517,6 +1558,61 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!(lb.servers_transport.as_deref(), Some("mytransport@file"));
+    }
+
+    #[test]
+    fn references_follow_a_service_that_appears_and_disappears_elsewhere() {
+        let front = || {
+            convert(
+                &[entry(
+                    "f",
+                    "10.1.0.1",
+                    1,
+                    &["r=fr:HostSNI(`*`):back", "weighted=back"],
+                    "passing",
+                )],
+                &settings(),
+            )
+        };
+        let back = || {
+            convert(
+                &[entry("b", "10.1.0.2", 1, &["s=back"], "passing")],
+                &settings(),
+            )
+        };
+        let refs = |m: &Merger| {
+            let tcp = &m.merged().tcp;
+            let weighted = tcp.services["split"].weighted.clone().unwrap();
+            (
+                tcp.routers["fr"].service.clone(),
+                weighted.services[0].name.clone(),
+            )
+        };
+        let mut m = Merger::new();
+        m.set("front", Some(front()));
+        let file = ("back@file".to_owned(), "back@file".to_owned());
+        assert_eq!(refs(&m), file, "no Consul service defines it yet");
+        m.set("back", Some(back()));
+        let own = (
+            "back@consulcatalog".to_owned(),
+            "back@consulcatalog".to_owned(),
+        );
+        assert_eq!(refs(&m), own, "the router and the weighted service follow");
+        let mut fresh = Merger::new();
+        fresh.set("back", Some(back()));
+        fresh.set("front", Some(front()));
+        assert_eq!(
+            m.merged(),
+            fresh.merged(),
+            "the order of arrival does not matter"
+        );
+        m.set("back", None);
+        assert_eq!(refs(&m), file, "gone again: back to the file provider's");
+        m.set("back", Some(back()));
+        m.set("front", None);
+        m.set("front", Some(front()));
+        assert_eq!(refs(&m), own);
+        assert_eq!(m.merged(), fresh.merged());
     }
 
     #[test]

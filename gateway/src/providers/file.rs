@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
-use std::collections::btree_map::Entry;
 
 use tagway_config::{ConfigError, Dynamic, FileProvider, Meta, Origin, load_dynamic_file};
 use tokio::sync::{Notify, mpsc, watch};
@@ -103,100 +102,36 @@ pub fn files_in(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 pub fn merge_files(parts: Vec<Dynamic>) -> Result<Dynamic, ConfigError> {
     let mut out = Dynamic::default();
     let mut errors = Vec::new();
-    fn put<T>(
-        out: &mut std::collections::BTreeMap<String, T>,
-        section: &str,
-        name: String,
-        value: T,
-        first: &Meta,
-        part: &Meta,
-        errors: &mut Vec<ConfigError>,
-    ) {
-        let key = format!("{section}.{name}");
-        match out.entry(name) {
-            Entry::Occupied(_) => errors.push(ConfigError::Duplicate {
-                first: first
-                    .origin_exact(&key)
-                    .cloned()
-                    .unwrap_or_else(|| Origin::tag("?")),
-                second: part
-                    .origin_exact(&key)
-                    .cloned()
-                    .unwrap_or_else(|| Origin::tag("?")),
-                key,
-            }),
-            Entry::Vacant(v) => {
-                v.insert(value);
+    let duplicate = |key: String, first: &Meta, part: &Meta| ConfigError::Duplicate {
+        first: first
+            .origin_exact(&key)
+            .cloned()
+            .unwrap_or_else(|| Origin::tag("?")),
+        second: part
+            .origin_exact(&key)
+            .cloned()
+            .unwrap_or_else(|| Origin::tag("?")),
+        key,
+    };
+    // Adds each of the part's `section` entries to `out`'s; a name already there is an error.
+    macro_rules! put {
+        ($part:expr, $($field:ident).+, $section:literal) => {
+            for (n, v) in $part.$($field).+.clone() {
+                if out.$($field).+.contains_key(&n) {
+                    errors.push(duplicate(format!("{}.{n}", $section), &out.meta, &$part.meta));
+                } else {
+                    out.$($field).+.insert(n, v);
+                }
             }
-        }
+        };
     }
     for part in parts {
-        for (n, v) in part.tcp.routers.clone() {
-            put(
-                out.tcp.routers.as_map_mut(),
-                "tcp.routers",
-                n,
-                v,
-                &out.meta,
-                &part.meta,
-                &mut errors,
-            );
-        }
-        for (n, v) in part.tcp.services.clone() {
-            put(
-                out.tcp.services.as_map_mut(),
-                "tcp.services",
-                n,
-                v,
-                &out.meta,
-                &part.meta,
-                &mut errors,
-            );
-        }
-        for (n, v) in part.tcp.middlewares.clone() {
-            put(
-                out.tcp.middlewares.as_map_mut(),
-                "tcp.middlewares",
-                n,
-                v,
-                &out.meta,
-                &part.meta,
-                &mut errors,
-            );
-        }
-        for (n, v) in part.tcp.servers_transports.clone() {
-            put(
-                out.tcp.servers_transports.as_map_mut(),
-                "tcp.serversTransports",
-                n,
-                v,
-                &out.meta,
-                &part.meta,
-                &mut errors,
-            );
-        }
-        for (n, v) in part.tls.options.clone() {
-            put(
-                &mut out.tls.options,
-                "tls.options",
-                n,
-                v,
-                &out.meta,
-                &part.meta,
-                &mut errors,
-            );
-        }
-        for (n, v) in part.tls.stores.clone() {
-            put(
-                &mut out.tls.stores,
-                "tls.stores",
-                n,
-                v,
-                &out.meta,
-                &part.meta,
-                &mut errors,
-            );
-        }
+        put!(part, tcp.routers, "tcp.routers");
+        put!(part, tcp.services, "tcp.services");
+        put!(part, tcp.middlewares, "tcp.middlewares");
+        put!(part, tcp.servers_transports, "tcp.serversTransports");
+        put!(part, tls.options, "tls.options");
+        put!(part, tls.stores, "tls.stores");
         let offset = out.tls.certificates.len();
         let mut meta = part.meta.clone();
         for i in (0..part.tls.certificates.len()).rev() {
