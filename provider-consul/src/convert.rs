@@ -651,7 +651,8 @@ pub struct Merger {
     /// reference to it carries no provider, this provider's or the file provider's. Kept as the
     /// merged routers and services change, so that a name appearing or disappearing finds its
     /// referrers without a walk over every router and service.
-    referrers: HashMap<(Kind, String), BTreeSet<(Kind, String)>>,
+    /// (Usually one referrer each: a sorted `Vec`, not a set with its node per name.)
+    referrers: HashMap<(Kind, String), Vec<(Kind, String)>>,
 }
 
 impl Merger {
@@ -743,7 +744,7 @@ impl Merger {
     fn referencing(&self, kind: Kind, name: &str) -> Vec<(Kind, String)> {
         self.referrers
             .get(&(kind, name.to_owned()))
-            .map(|set| set.iter().cloned().collect())
+            .cloned()
             .unwrap_or_default()
     }
 
@@ -876,15 +877,20 @@ impl Merger {
         }
         let me = (kind, name.to_owned());
         for target in before {
-            if let Some(set) = self.referrers.get_mut(&target) {
-                set.remove(&me);
-                if set.is_empty() {
+            if let Some(list) = self.referrers.get_mut(&target) {
+                if let Ok(i) = list.binary_search(&me) {
+                    list.remove(i);
+                }
+                if list.is_empty() {
                     self.referrers.remove(&target);
                 }
             }
         }
         for target in after {
-            self.referrers.entry(target).or_default().insert(me.clone());
+            let list = self.referrers.entry(target).or_default();
+            if let Err(i) = list.binary_search(&me) {
+                list.insert(i, me.clone());
+            }
         }
     }
 
