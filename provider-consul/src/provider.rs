@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tagway_config::{ConsulCatalog, Dynamic};
@@ -288,7 +289,9 @@ impl ConsulProvider {
             connect: connect_rx.clone(),
             namespaced: !self.cfg.namespaces.is_empty(),
             events: events_tx,
+            watch_tasks: Arc::new(AtomicUsize::new(0)),
         });
+        let watch_tasks = shared.watch_tasks.clone();
         tracing::info!(consul = %shared.client.base(), prefix = %shared.convert.prefix, watch = self.cfg.watch, "Consul catalog provider starting");
         let coordinator = Coordinator {
             shared: shared.clone(),
@@ -335,6 +338,7 @@ impl ConsulProvider {
             errors: errors_rx,
             status: status_rx,
             connect: connect_rx,
+            watch_tasks,
             task,
         })
     }
@@ -347,6 +351,7 @@ pub struct Running {
     errors: watch::Receiver<Arc<Vec<CatalogError>>>,
     status: watch::Receiver<Status>,
     connect: watch::Receiver<Option<Arc<ConnectIdentity>>>,
+    watch_tasks: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -372,6 +377,13 @@ impl Running {
     /// `connect-*` of this provider.
     pub fn connect_identity(&self) -> watch::Receiver<Option<Arc<ConnectIdentity>>> {
         self.connect.clone()
+    }
+
+    /// Service watches running a task now. A watch runs one only while it has work: reading
+    /// a service after a change, or long-polling it (Direct mode, at most `maxLongPolls`); in
+    /// Feed mode an idle watch holds no task.
+    pub fn watch_tasks(&self) -> usize {
+        self.watch_tasks.load(Ordering::Relaxed)
     }
 
     /// Waits until the provider stopped (after its shutdown future completed).
@@ -434,6 +446,24 @@ struct Shared {
     datacenter: Option<String>,
     namespaced: bool,
     events: mpsc::Sender<Event>,
+    /// Service watch tasks running ([`Running::watch_tasks`]).
+    watch_tasks: Arc<AtomicUsize>,
+}
+
+/// Counts a running service watch task for as long as it lives.
+struct TaskCount(Arc<AtomicUsize>);
+
+impl TaskCount {
+    fn new(n: &Arc<AtomicUsize>) -> TaskCount {
+        n.fetch_add(1, Ordering::Relaxed);
+        TaskCount(n.clone())
+    }
+}
+
+impl Drop for TaskCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -505,15 +535,98 @@ struct Watched {
     checked: u64,
     /// When its part of the configuration last changed.
     changed: Option<Instant>,
-    kick: Arc<Notify>,
-    task: AbortHandle,
+    watch: Arc<ServiceWatch>,
+}
+
+/// One Consul service's watch, which runs as a task only while it has work.
+///
+/// In Feed mode 10,000 watches sit idle between changes; an idle watch is this (a few hundred
+/// bytes), not a parked task holding a request's state machine. A kick starts a task when none
+/// runs, or tells the running one to read again. The task ends when it has nothing left to do
+/// (Feed mode, the answer sent, no kick since); a long poll (Direct mode) or a Connect watch
+/// (which re-converts when the identity changes) keeps running.
+struct ServiceWatch {
+    sh: Arc<Shared>,
+    key: Key,
+    generation: u64,
+    connect: bool,
+    /// Wakes a running task that waits for a kick (a Connect watch idle in Feed mode).
+    notify: Notify,
+    state: std::sync::Mutex<WatchState>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// A task runs (`task` is its handle).
+    running: bool,
+    /// Kicked while running: read again before ending.
+    kicked: bool,
+    /// Removed: kicks start nothing.
+    stopped: bool,
+    task: Option<AbortHandle>,
+    /// The watch's index, rate limit and back-off, kept between tasks.
+    blocking: Option<Blocking>,
+}
+
+impl ServiceWatch {
+    fn state(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts a task, or has the running one read again.
+    fn kick(self: &Arc<Self>) {
+        let mut st = self.state();
+        if st.stopped {
+            return;
+        }
+        if st.running {
+            st.kicked = true;
+            drop(st);
+            self.notify.notify_one();
+        } else {
+            st.running = true;
+            st.kicked = false;
+            // Under the lock: the task cannot reach its end before its handle is stored.
+            st.task = Some(tokio::spawn(service_task(self.clone())).abort_handle());
+        }
+    }
+
+    /// Stops the watch and its task.
+    fn stop(&self) {
+        let mut st = self.state();
+        st.stopped = true;
+        if let Some(t) = st.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Called by the task when it has nothing to do: true to end (the state is kept for the
+    /// next task), false when a kick came in the meantime (read again).
+    fn finish(&self, blocking: &mut Option<Blocking>) -> bool {
+        let mut st = self.state();
+        if st.kicked && !st.stopped {
+            st.kicked = false;
+            return false;
+        }
+        st.running = false;
+        st.task = None;
+        st.blocking = blocking.take();
+        true
+    }
+
+    /// Clears a kick that has been seen (by a task that waited for it).
+    fn kick_seen(&self) {
+        self.state().kicked = false;
+    }
 }
 
 /// A check of a health feed: (node, service name, check ID, status).
 type FeedCheck = (String, String, String, String);
 
 struct SweepRequest {
-    kicks: Vec<Arc<Notify>>,
+    kicks: Vec<Arc<ServiceWatch>>,
     paced: bool,
 }
 
@@ -585,7 +698,7 @@ impl Coordinator {
             }
         }
         for w in self.watched.values() {
-            w.task.abort();
+            w.watch.stop();
         }
         for t in &self.tasks {
             t.abort();
@@ -751,7 +864,7 @@ impl Coordinator {
                 Some(w) if w.connect == connect => {
                     if w.tags != tags {
                         w.tags = tags;
-                        attributed.push(w.kick.clone());
+                        attributed.push(w.watch.clone());
                     }
                 }
                 Some(_) => {
@@ -762,8 +875,8 @@ impl Coordinator {
             }
         }
         let none_attributed = attributed.is_empty();
-        for k in attributed {
-            k.notify_one();
+        for w in attributed {
+            w.kick();
         }
         self.update_mode();
         match self.status.mode {
@@ -787,35 +900,33 @@ impl Coordinator {
 
     fn spawn_service(&mut self, key: Key, connect: bool, tags: u64) {
         self.generation += 1;
-        let generation = self.generation;
-        let kick = Arc::new(Notify::new());
-        let task = tokio::spawn(service_task(
-            self.shared.clone(),
-            key.clone(),
-            generation,
+        let watch = Arc::new(ServiceWatch {
+            sh: self.shared.clone(),
+            key: key.clone(),
+            generation: self.generation,
             connect,
-            kick.clone(),
-        ))
-        .abort_handle();
+            notify: Notify::new(),
+            state: Default::default(),
+        });
+        watch.kick();
         tracing::debug!(service = %key, connect, "watching Consul service");
         self.pending.insert(key.clone());
         self.watched.insert(
             key,
             Watched {
-                generation,
+                generation: watch.generation,
                 connect,
                 tags,
                 checked: census::instances_digest([]),
                 changed: None,
-                kick,
-                task,
+                watch,
             },
         );
     }
 
     fn remove(&mut self, key: &Key) {
         if let Some(w) = self.watched.remove(key) {
-            w.task.abort();
+            w.watch.stop();
             tracing::debug!(service = %key, "Consul service no longer relevant");
         }
         self.pending.remove(key);
@@ -867,10 +978,11 @@ impl Coordinator {
             tracing::info!(services = w, max_long_polls = p, mode = ?next, "Consul watch mode changed");
             self.status.mode = next;
             self.mode_tx.send_replace(next);
-            // Watches idle in Feed mode wait only for their kick (long polls see the change).
+            // Watches idle in Feed mode run no task: each starts one to long-poll (running
+            // ones see the change themselves).
             if next == Mode::Direct {
                 for w in self.watched.values() {
-                    w.kick.notify_one();
+                    w.watch.kick();
                 }
             }
             if next == Mode::Feed && self.watched.len() > self.pending.len() {
@@ -887,7 +999,7 @@ impl Coordinator {
             // added or removed is most likely one of theirs.
             let mut order: Vec<&Watched> = self.watched.values().collect();
             order.sort_by_key(|w| std::cmp::Reverse(w.changed));
-            let kicks = order.into_iter().map(|w| w.kick.clone()).collect();
+            let kicks = order.into_iter().map(|w| w.watch.clone()).collect();
             tx.send_replace(Some(Arc::new(SweepRequest { kicks, paced })));
         }
     }
@@ -969,7 +1081,7 @@ impl Coordinator {
         }
         for k in kicks {
             if let Some(w) = self.watched.get(&k) {
-                w.kick.notify_one();
+                w.watch.kick();
             }
         }
     }
@@ -983,7 +1095,7 @@ impl Coordinator {
             }
             let now = by_service.get(&key.name).copied().unwrap_or(empty);
             if now != w.checked {
-                w.kick.notify_one();
+                w.watch.kick();
                 kicked += 1;
             }
         }
@@ -1414,7 +1526,7 @@ async fn sweeper(mut rx: watch::Receiver<Option<Arc<SweepRequest>>>, rate: u32) 
                 tokio::time::sleep_until(next).await;
                 next += gap;
             }
-            k.notify_one();
+            k.kick();
         }
     }
 }
@@ -1441,45 +1553,52 @@ fn identity_changed(
     }
 }
 
-async fn service_task(
-    sh: Arc<Shared>,
-    key: Key,
-    generation: u64,
-    connect: bool,
-    kick: Arc<Notify>,
-) {
+async fn service_task(w: Arc<ServiceWatch>) {
+    let (sh, key, generation, connect) = (&w.sh, &w.key, w.generation, w.connect);
+    let _counted = TaskCount::new(&sh.watch_tasks);
     let endpoint = if connect { "connect" } else { "service" };
     let segs = ["v1", "health", endpoint, key.name.as_str()];
     let ns = key.ns.as_deref();
-    let mut b = Blocking::new(sh.timing.clone());
+    let kept = w.state().blocking.take();
+    let mut b = kept.unwrap_or_else(|| Blocking::new(sh.timing.clone()));
     let mut mode = sh.mode.clone();
     let mut identity = sh.connect.clone();
     // Kept only for Connect services (re-converted when the identity changes).
     let mut entries: Option<Vec<ServiceEntry>> = None;
+    // A task started by a kick reads at once; one that read and has nothing left ends.
     let mut fetched = false;
     let mut failing = false;
     loop {
         let direct = *mode.borrow_and_update() == Mode::Direct;
         let long_poll = direct && fetched && b.index() > 0;
         if fetched && !direct && !failing {
-            // Idle until kicked: 10,000 watches wait here in Feed mode, so the wait is small.
-            // A change to Direct mode kicks every watch (the loop then reads the new mode);
-            // only a Connect watch also waits for the identity (a boxed future, none otherwise).
-            tokio::select! {
-                _ = kick.notified() => {}
-                r = identity_changed(&mut identity, connect) => {
-                    if r.is_err() { return; }
-                    if !Box::pin(send_fragment(&sh, &key, generation, connect, entries.as_deref().unwrap_or(&[]), &identity)).await {
-                        return;
+            if !connect {
+                // Feed mode: end, unless kicked meanwhile (then read again).
+                let mut keep = Some(b);
+                if w.finish(&mut keep) {
+                    return;
+                }
+                b = keep
+                    .take()
+                    .unwrap_or_else(|| Blocking::new(sh.timing.clone()));
+            } else {
+                // A Connect watch also waits for the identity (a boxed future).
+                tokio::select! {
+                    _ = w.notify.notified() => w.kick_seen(),
+                    r = identity_changed(&mut identity, connect) => {
+                        if r.is_err() { return; }
+                        if !Box::pin(send_fragment(sh, key, generation, connect, entries.as_deref().unwrap_or(&[]), &identity)).await {
+                            return;
+                        }
+                        continue;
                     }
+                }
+                if *mode.borrow() == Mode::Direct {
                     continue;
                 }
             }
-            if *mode.borrow() == Mode::Direct {
-                continue;
-            }
         }
-        // The request futures are boxed: 10,000 idle watches then hold only their small state.
+        // The request futures are boxed: a long-polling task (Direct mode) holds its small state.
         let r = if long_poll {
             let waited = Box::pin(async {
                 tokio::select! {
@@ -1504,8 +1623,8 @@ async fn service_task(
                 LongPoll::Identity(open) => {
                     if !open
                         || !Box::pin(send_fragment(
-                            &sh,
-                            &key,
+                            sh,
+                            key,
                             generation,
                             connect,
                             entries.as_deref().unwrap_or(&[]),
@@ -1531,11 +1650,7 @@ async fn service_task(
             Ok(Some(new)) => {
                 fetched = true;
                 failing = false;
-                if !Box::pin(send_fragment(
-                    &sh, &key, generation, connect, &new, &identity,
-                ))
-                .await
-                {
+                if !Box::pin(send_fragment(sh, key, generation, connect, &new, &identity)).await {
                     return;
                 }
                 if connect {
@@ -1964,6 +2079,17 @@ mod tests {
         assert_eq!(errs[1].resource.as_deref(), Some("tcp.routers.s"));
     }
 
+    /// Waits (at most 10 s) until no service watch runs a task.
+    async fn no_watch_task_left(running: &Running) {
+        for _ in 0..1000 {
+            if running.watch_tasks() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} watch tasks still running", running.watch_tasks());
+    }
+
     #[tokio::test]
     async fn feed_mode_bounds_connections_and_still_follows_changes() {
         let consul = FakeConsul::start().await;
@@ -1989,6 +2115,8 @@ mod tests {
         until(&mut rx, "all 40", |d| d.tcp.routers.len() == 40).await;
         let status = running.status().borrow().clone();
         assert_eq!(status.mode, Mode::Feed, "{status:?}");
+        // Idle watches hold no task: every change below starts one.
+        no_watch_task_left(&running).await;
         // catalog + 2 feeds block; at most 4 fetches besides.
         assert!(
             consul.stub.max_in_flight() <= 3 + 4,
@@ -2037,6 +2165,7 @@ mod tests {
             servers(d, "svc5") == ["127.0.0.1:20005"]
         })
         .await;
+        no_watch_task_left(&running).await;
         assert!(
             consul.stub.max_in_flight() <= 3 + 4,
             "in flight: {}",
