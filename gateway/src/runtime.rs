@@ -61,7 +61,7 @@ pub struct Tables {
     pub routers: Names<Arc<Route>>,
     /// Middlewares by name (the ones that compiled).
     pub middlewares: Names<Arc<Middleware>>,
-    /// Per service, its `((service, address), state)`: shared as a whole by a reused service.
+    /// Per service, its servers' states: shared as a whole by a reused service.
     servers: Names<ServerList>,
     transports: Option<Transports>,
     health: HealthChecks,
@@ -74,10 +74,11 @@ pub struct Tables {
 
 impl Tables {
     /// Servers by (service, address), for metrics and tests.
-    pub fn servers(&self) -> impl Iterator<Item = (&(String, String), &Arc<ServerState>)> {
-        self.servers
-            .values()
-            .flat_map(|l| l.iter().map(|(k, s)| (k, s)))
+    pub fn servers(&self) -> impl Iterator<Item = ((&str, &str), &Arc<ServerState>)> {
+        self.servers.iter().flat_map(|(service, l)| {
+            l.iter()
+                .map(move |s| ((service.as_str(), s.address.as_str()), s))
+        })
     }
 
     /// The state of `address` in `service`, if that server is in these tables.
@@ -85,8 +86,7 @@ impl Tables {
         self.servers
             .get(service)?
             .iter()
-            .find(|((_, a), _)| a == address)
-            .map(|(_, s)| s)
+            .find(|s| s.address == address)
     }
 
     /// Number of running health-check loops.
@@ -96,7 +96,7 @@ impl Tables {
 }
 
 /// The servers of one service, keyed `(service, address)` (each address once).
-type ServerList = Arc<Vec<((String, String), Arc<ServerState>)>>;
+type ServerList = Arc<Vec<Arc<ServerState>>>;
 
 struct Ctx<'a> {
     dynamic: &'a Dynamic,
@@ -234,10 +234,10 @@ impl Ctx<'_> {
         let prev_servers: HashMap<&str, &Arc<ServerState>> = self
             .prev
             .and_then(|p| p.servers.get(name))
-            .map(|l| l.iter().map(|((_, a), s)| (a.as_str(), s)).collect())
+            .map(|l| l.iter().map(|s| (s.address.as_str(), s)).collect())
             .unwrap_or_default();
         let mut servers = Vec::new();
-        let mut listed: Vec<((String, String), Arc<ServerState>)> = Vec::new();
+        let mut listed: Vec<Arc<ServerState>> = Vec::new();
         let mut seen = HashSet::new();
         for s in &lb.servers {
             if s.address.is_empty() {
@@ -251,9 +251,9 @@ impl Ctx<'_> {
                 .unwrap_or_else(|| Arc::new(ServerState::new(s.address.clone(), w, s.tls)));
             // The last declaration of an address wins (as a map insert would).
             if !seen.insert(s.address.as_str()) {
-                listed.retain(|((_, a), _)| a != &s.address);
+                listed.retain(|l| l.address != s.address);
             }
-            listed.push(((name.to_owned(), s.address.clone()), state.clone()));
+            listed.push(state.clone());
             servers.push(state);
         }
         self.servers.insert(name.to_owned(), Arc::new(listed));
@@ -1083,7 +1083,10 @@ mod tests {
             &t2.routers["rb@c"].counters
         ));
         let servers = |t: &Tables| {
-            let mut v: Vec<(String, String)> = t.servers().map(|(k, _)| k.clone()).collect();
+            let mut v: Vec<(String, String)> = t
+                .servers()
+                .map(|((s, a), _)| (s.to_owned(), a.to_owned()))
+                .collect();
             v.sort();
             v
         };

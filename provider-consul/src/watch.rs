@@ -327,8 +327,10 @@ impl Blocking {
     }
 }
 
-/// Chunks of a streamed answer received ahead of its decoder.
-const STREAM_AHEAD: usize = 16;
+/// Chunks of a streamed answer received ahead of its decoder. Few: a chunk is whatever one read
+/// of the socket gave (up to ~400 KB when the answer arrives faster than it is scanned), and the
+/// rest of the answer waits in the socket's buffers rather than in the gateway's heap.
+const STREAM_AHEAD: usize = 2;
 
 /// Answers at least this large are decoded off the runtime thread (see [`Blocking::query`]).
 pub const OFF_THREAD_DECODE: usize = 256 * 1024;

@@ -189,10 +189,7 @@ impl Snapshot {
     }
 
     fn servers_of(&self) -> HashMap<(&str, &str), &Arc<ServerState>> {
-        self.tables
-            .servers()
-            .map(|((s, a), st)| ((s.as_str(), a.as_str()), st))
-            .collect()
+        self.tables.servers().collect()
     }
 
     fn service_with(

@@ -362,7 +362,7 @@ pub fn render_data_plane<'e>(
     debug_assert!(ConnectionBuckets::MICROS.len() <= super::counters::MAX_BUCKETS);
 
     let mut servers: Vec<_> = tables.servers().collect();
-    servers.sort_by(|a, b| a.0.cmp(b.0));
+    servers.sort_by(|a, b| a.0.cmp(&b.0));
     let mut w = Writer::family(w.out, &names::SERVER_OPEN);
     for ((svc, addr), s) in &servers {
         w.sample(
