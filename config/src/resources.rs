@@ -77,12 +77,6 @@ impl<T> Resources<T> {
     pub fn as_map_mut(&mut self) -> &mut OrdMap<String, Arc<T>> {
         &mut self.0
     }
-
-    /// True when both are the same generation of the collection (one was cloned from the other
-    /// and neither changed since): O(1).
-    pub fn ptr_eq(&self, other: &Self) -> bool {
-        self.0.ptr_eq(&other.0)
-    }
 }
 
 impl<T: Clone> Resources<T> {
@@ -365,6 +359,40 @@ mod tests {
         assert_eq!(c, b, "equal values in other allocations compare equal");
         c.remove("y");
         assert_ne!(c, b);
+    }
+
+    #[test]
+    fn diff_of_two_generations_lists_exactly_what_changed() {
+        // Large enough for a tree of several levels, so that shared nodes are skipped.
+        let a: Resources<u32> = (0..2000u32).map(|i| (format!("n{i:04}"), i)).collect();
+        let mut b = a.clone();
+        assert_eq!(a, b);
+        b.insert("n0500".into(), 7u32);
+        b.remove("n1500");
+        b.insert("n9999".into(), 1u32);
+        b.insert("n0042".into(), 42u32); // equal value in a new allocation: not a change
+        let mut seen = Vec::new();
+        diff(&a, &b, |n, c| seen.push((n.to_owned(), c)));
+        assert_eq!(
+            seen,
+            [
+                ("n0500".to_owned(), Change::Changed),
+                ("n1500".to_owned(), Change::Removed),
+                ("n9999".to_owned(), Change::Added),
+            ]
+        );
+        assert_ne!(a, b);
+        let mut c = b.clone();
+        c.insert("n0500".into(), 500u32);
+        c.insert("n1500".into(), 1500u32);
+        c.remove("n9999");
+        assert_eq!(
+            a, c,
+            "equal again, though no node is shared with `a` on those paths"
+        );
+        let mut kept = a.clone();
+        kept.retain(|n, v| n < "n1000" && v % 2 == 0);
+        assert_eq!(kept.len(), 500);
     }
 
     #[test]
