@@ -54,15 +54,7 @@ impl<T> Resources<T> {
 
     /// Keeps the resources for which `keep` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &T) -> bool) {
-        let gone: Vec<String> = self
-            .0
-            .iter()
-            .filter(|(k, v)| !keep(k, v))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in gone {
-            self.0.remove(&k);
-        }
+        retain_names(&mut self.0, |k, v| keep(k, v));
     }
 
     /// The entry of `name`, to insert or update shared values in place.
@@ -137,6 +129,19 @@ impl<T: PartialEq> PartialEq for Resources<T> {
             false
         });
         equal
+    }
+}
+
+/// Keeps the entries of a persistent name map for which `keep` is true (`imbl::OrdMap` has no
+/// `retain`: the other names are removed one by one, each copying only its path).
+pub fn retain_names<V: Clone>(map: &mut OrdMap<String, V>, mut keep: impl FnMut(&str, &V) -> bool) {
+    let gone: Vec<String> = map
+        .iter()
+        .filter(|(k, v)| !keep(k, v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in gone {
+        map.remove(&k);
     }
 }
 

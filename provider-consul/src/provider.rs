@@ -526,9 +526,9 @@ enum Event {
     },
 }
 
+/// What the coordinator knows of a watched service (its generation and whether it is a Connect
+/// service are its watch's).
 struct Watched {
-    generation: u64,
-    connect: bool,
     /// Digest of the union of its tags in the catalog.
     tags: u64,
     /// Digest of its instances with a service check, `(node, service id)` sorted.
@@ -584,7 +584,9 @@ impl ServiceWatch {
         if st.running {
             st.kicked = true;
             drop(st);
-            self.notify.notify_one();
+            if self.connect {
+                self.notify.notify_one();
+            }
         } else {
             st.running = true;
             st.kicked = false;
@@ -602,18 +604,18 @@ impl ServiceWatch {
         }
     }
 
-    /// Called by the task when it has nothing to do: true to end (the state is kept for the
-    /// next task), false when a kick came in the meantime (read again).
-    fn finish(&self, blocking: &mut Option<Blocking>) -> bool {
+    /// Called by the task when it has nothing to do: `None` to end (the watch keeps `blocking`
+    /// for the next task), or `blocking` back when a kick came in the meantime (read again).
+    fn finish(&self, blocking: Blocking) -> Option<Blocking> {
         let mut st = self.state();
         if st.kicked && !st.stopped {
             st.kicked = false;
-            return false;
+            return Some(blocking);
         }
         st.running = false;
         st.task = None;
-        st.blocking = blocking.take();
-        true
+        st.blocking = Some(blocking);
+        None
     }
 
     /// Clears a kick that has been seen (by a task that waited for it).
@@ -861,7 +863,7 @@ impl Coordinator {
         let mut attributed = Vec::new();
         for (key, (connect, tags)) in desired {
             match self.watched.get_mut(&key) {
-                Some(w) if w.connect == connect => {
+                Some(w) if w.watch.connect == connect => {
                     if w.tags != tags {
                         w.tags = tags;
                         attributed.push(w.watch.clone());
@@ -914,8 +916,6 @@ impl Coordinator {
         self.watched.insert(
             key,
             Watched {
-                generation: watch.generation,
-                connect,
                 tags,
                 checked: census::instances_digest([]),
                 changed: None,
@@ -1012,7 +1012,7 @@ impl Coordinator {
         nodes: Vec<String>,
         checked: u64,
     ) {
-        if self.watched.get(&key).map(|w| w.generation) != Some(generation) {
+        if self.watched.get(&key).map(|w| w.watch.generation) != Some(generation) {
             return;
         }
         self.on_recovered(What::Service(key.clone()));
@@ -1559,6 +1559,7 @@ async fn service_task(w: Arc<ServiceWatch>) {
     let endpoint = if connect { "connect" } else { "service" };
     let segs = ["v1", "health", endpoint, key.name.as_str()];
     let ns = key.ns.as_deref();
+    // The index, rate limit and back-off of the watch's previous task, if any.
     let kept = w.state().blocking.take();
     let mut b = kept.unwrap_or_else(|| Blocking::new(sh.timing.clone()));
     let mut mode = sh.mode.clone();
@@ -1574,13 +1575,10 @@ async fn service_task(w: Arc<ServiceWatch>) {
         if fetched && !direct && !failing {
             if !connect {
                 // Feed mode: end, unless kicked meanwhile (then read again).
-                let mut keep = Some(b);
-                if w.finish(&mut keep) {
-                    return;
+                match w.finish(b) {
+                    Some(again) => b = again,
+                    None => return,
                 }
-                b = keep
-                    .take()
-                    .unwrap_or_else(|| Blocking::new(sh.timing.clone()));
             } else {
                 // A Connect watch also waits for the identity (a boxed future).
                 tokio::select! {
