@@ -471,7 +471,11 @@ mod tests {
             open.push(tokio::spawn(async {}));
             tokio::task::yield_now().await;
             // Eleven open at most: the list never grows past the floor of its reaps.
-            assert!(open.handles.len() <= Open::MIN_REAP, "{}", open.handles.len());
+            assert!(
+                open.handles.len() <= Open::MIN_REAP,
+                "{}",
+                open.handles.len()
+            );
         }
         open.reap();
         assert_eq!(open.handles.len(), 10);

@@ -162,3 +162,84 @@ fn run_refuses_a_broken_static_configuration() {
         "{err}"
     );
 }
+
+/// The connections that end during the shutdown drain are in the access log once the process
+/// has exited: the exit waits for the access log's writer thread to write its queue.
+#[test]
+fn access_log_has_the_connections_that_ended_while_draining() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    // A backend that answers with what it got once the client has finished sending.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in backend.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got);
+                let _ = s.write_all(&got);
+            });
+        }
+    });
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        dir.path().join("tagway.yaml"),
+        format!(
+            "entryPoints:\n  web:\n    address: 127.0.0.1:0\naccessLog:\n  filePath: {}\nshutdown:\n  gracePeriod: 20s\nproviders:\n  file:\n    filename: dynamic.toml\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("dynamic.toml"),
+        format!(
+            "[tcp.routers.r]\nrule = \"HostSNI(`*`)\"\nservice = \"s\"\n[tcp.services.s.loadBalancer]\nservers = [{{ address = \"{backend_addr}\" }}]\n"
+        ),
+    )
+    .unwrap();
+    let mut gw = start(&dir.path().join("tagway.yaml"));
+    // The configuration is applied before the listeners start.
+    let listening = gw.expect("listening", Duration::from_secs(20));
+    let addr = listening
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("address="))
+        .unwrap_or_else(|| panic!("no address in {listening:?}"))
+        .to_owned();
+
+    const CLIENTS: usize = 64;
+    let mut clients: Vec<std::net::TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"ping").unwrap();
+            c
+        })
+        .collect();
+    // Every connection reached the backend (it is counted as open) before the stop.
+    std::thread::sleep(Duration::from_millis(200));
+    gw.signal("-TERM");
+    gw.expect("draining connections", Duration::from_secs(10));
+    // All of them end at once, during the drain; the gateway exits right after the last one.
+    for c in &mut clients {
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    for c in &mut clients {
+        let mut echo = Vec::new();
+        c.read_to_end(&mut echo).unwrap();
+        assert_eq!(echo, b"ping");
+    }
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = gw.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "tagway did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), CLIENTS, "{text}");
+    assert!(text.lines().all(|l| l.contains("close=closed")), "{text}");
+}

@@ -192,7 +192,6 @@ impl Transport {
         client: Option<&ClientAddrs>,
         stage: &Stage,
     ) -> Result<BackendStream, DialErrorKind> {
-        let deadline = self.inner.dial_timeout.map(|t| Instant::now() + t);
         let (host, port) = split_host_port(server)?;
         // Decide TLS before connecting, so that a missing identity fails fast.
         let tls = self.tls_for(tls)?;
@@ -201,14 +200,16 @@ impl Transport {
         // several-address connect are boxed so that they do not enlarge every dial's future.
         let literal;
         let looked_up;
-        let addrs: &[SocketAddr] = match host.parse::<IpAddr>() {
+        let (addrs, deadline): (&[SocketAddr], _) = match host.parse::<IpAddr>() {
+            // One address: `dial`'s timeout bounds its connect, no deadline to share out.
             Ok(ip) => {
                 literal = SocketAddr::new(ip, port);
-                std::slice::from_ref(&literal)
+                (std::slice::from_ref(&literal), None)
             }
             Err(_) => {
+                let deadline = self.inner.dial_timeout.map(|t| Instant::now() + t);
                 looked_up = Box::pin(resolve(host, port)).await?;
-                &looked_up
+                (&looked_up, deadline)
             }
         };
         stage.set(DialStage::Connect);

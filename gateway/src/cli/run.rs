@@ -364,6 +364,9 @@ fn consul_deliveries(
     rx
 }
 
+/// How long the exit waits for the access log to write its queued lines.
+const ACCESS_LOG_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The `run` command: load, validate, start the providers, log each applied configuration;
 /// SIGHUP reloads the files; SIGTERM or Ctrl-C stops.
 pub fn main(path: &Path) -> ExitCode {
@@ -432,6 +435,7 @@ pub fn main(path: &Path) -> ExitCode {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
+        let access_log = obs.clone();
         if let Err(e) = crate::admin::spawn_if_configured(
             st.clone(),
             obs,
@@ -450,6 +454,16 @@ pub fn main(path: &Path) -> ExitCode {
         if let Err(e) = gateway.run(providers.config.clone(), shutdown).await {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
+        }
+        // Every connection has ended: write out the access-log lines still queued before the
+        // process exit cuts the writer thread off.
+        let flushed = tokio::task::spawn_blocking(move || {
+            access_log.flush_access_log(ACCESS_LOG_FLUSH_TIMEOUT)
+        })
+        .await
+        .unwrap_or(false);
+        if !flushed {
+            tracing::warn!(timeout = ?ACCESS_LOG_FLUSH_TIMEOUT, "access log: lines still queued at exit were not all written");
         }
         match signal_rx.await.unwrap_or(Ok(())) {
             Ok(()) => {

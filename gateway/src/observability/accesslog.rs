@@ -4,7 +4,8 @@
 //! Connections hand a boxed [`Record`] to a bounded queue ([`AccessLogSender::send`] never
 //! blocks: when the queue is full the line is dropped and counted); a dedicated thread formats the
 //! lines and writes them through a buffer, flushing whenever the queue runs empty. The data path
-//! never waits on the disk.
+//! never waits on the disk. At shutdown [`AccessLog::flush`] waits until every line queued so
+//! far is written.
 //!
 //! Text lines are logfmt (`key=value`, values quoted when they need it); JSON lines are one
 //! object per line with the same keys:
@@ -246,10 +247,19 @@ pub enum AccessLogError {
     Thread(io::Error),
 }
 
+/// What goes through the queue to the writer thread.
+#[derive(Debug)]
+enum Msg {
+    /// A connection's record.
+    Record(Box<Record>),
+    /// Write out everything queued before, then answer.
+    Flush(SyncSender<()>),
+}
+
 /// Where connections send their records. Cheap to clone; never blocks.
 #[derive(Clone, Debug)]
 pub struct AccessLogSender {
-    tx: SyncSender<Box<Record>>,
+    tx: SyncSender<Msg>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -257,7 +267,9 @@ impl AccessLogSender {
     /// Queues a record; when the queue is full the record is dropped and counted.
     #[inline]
     pub fn send(&self, r: Box<Record>) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(r) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.tx.try_send(Msg::Record(r))
+        {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -323,6 +335,32 @@ impl AccessLog {
     pub fn dropped(&self) -> u64 {
         self.sender.dropped()
     }
+
+    /// Waits until every record queued before this call is written and flushed, for at most
+    /// `timeout` (a full queue waits for room first). False when the time ran out. Called at
+    /// shutdown, after the last connection ended: the process exit would otherwise cut the
+    /// writer thread off with the last lines still queued.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let (ack_tx, ack_rx) = sync_channel(1);
+        let mut msg = Msg::Flush(ack_tx);
+        loop {
+            match self.sender.tx.try_send(msg) {
+                Ok(()) => break,
+                // The writer stopped: nothing is queued any more.
+                Err(TrySendError::Disconnected(_)) => return true,
+                Err(TrySendError::Full(m)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        ack_rx.recv_timeout(left).is_ok()
+    }
 }
 
 impl Drop for AccessLog {
@@ -344,18 +382,24 @@ fn open_append(p: &Path) -> Result<std::fs::File, AccessLogError> {
         })
 }
 
-fn writer(
-    rx: Receiver<Box<Record>>,
-    out: Box<dyn Write + Send>,
-    format: LogFormat,
-    lines: &AtomicU64,
-) {
+fn writer(rx: Receiver<Msg>, out: Box<dyn Write + Send>, format: LogFormat, lines: &AtomicU64) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     let mut line = String::with_capacity(512);
     let mut failed = false;
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
-        while let Some(r) = next.take() {
+        while let Some(msg) = next.take() {
+            let r = match msg {
+                Msg::Record(r) => r,
+                Msg::Flush(ack) => {
+                    let _ = out.flush();
+                    let _ = ack.send(());
+                    if let Ok(m) = rx.try_recv() {
+                        next = Some(m);
+                    }
+                    continue;
+                }
+            };
             line.clear();
             format_line(&mut line, &r.fields(), format);
             drop(r);
@@ -480,5 +524,50 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
         )));
         assert_eq!(s.dropped(), 1);
+    }
+
+    /// A sink that takes 2 ms per write: without a flush the lines are still queued.
+    #[derive(Clone, Default)]
+    struct Slow(Shared);
+    impl Write for Slow {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(2));
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn flush_waits_for_every_queued_line() {
+        let buf = Slow::default();
+        // A sink that takes 2 ms per write: right after the last send, lines are still queued
+        // or buffered.
+        let log = AccessLog::start_with(Box::new(buf.clone()), LogFormat::Text, 64).unwrap();
+        let tx = log.sender();
+        for i in 0..40u16 {
+            tx.send(Box::new(Record::new(
+                "tcp".into(),
+                SocketAddr::from(([127, 0, 0, 1], 2000 + i)),
+            )));
+        }
+        assert_eq!(log.dropped(), 0);
+        assert!(log.flush(Duration::from_secs(10)));
+        let text = String::from_utf8(buf.0.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 40, "{text}");
+        assert!(text.contains("client=127.0.0.1:2039"), "{text}");
+        // Nothing queued: answers at once. A writer that never answers: false after the timeout.
+        assert!(log.flush(Duration::from_secs(1)));
+        let (tx2, _rx) = sync_channel(1);
+        let stuck = AccessLog {
+            sender: AccessLogSender {
+                tx: tx2,
+                dropped: Arc::default(),
+            },
+            lines: Arc::default(),
+            thread: None,
+        };
+        assert!(!stuck.flush(Duration::from_millis(20)));
     }
 }

@@ -213,6 +213,15 @@ impl Observability {
         self.inner.access_log.as_ref().map(AccessLog::sender)
     }
 
+    /// Waits (up to `timeout`) until the access log has written every line queued so far; true
+    /// when it has, or when there is no access log. See [`AccessLog::flush`].
+    pub fn flush_access_log(&self, timeout: std::time::Duration) -> bool {
+        self.inner
+            .access_log
+            .as_ref()
+            .is_none_or(|l| l.flush(timeout))
+    }
+
     /// Access-log lines written so far (0 when off).
     pub fn access_log_lines(&self) -> u64 {
         self.inner
