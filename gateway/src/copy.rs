@@ -302,6 +302,11 @@ mod splice {
         }
     }
 
+    /// A system call's count, or the error in `errno` for a negative result.
+    fn checked(n: isize) -> io::Result<usize> {
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
     fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         // SAFETY: plain syscall on descriptors owned by the caller; null offsets (sockets, pipes).
         let n = unsafe {
@@ -314,11 +319,7 @@ mod splice {
                 libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
             )
         };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        checked(n)
     }
 
     /// recv(2) and send(2) through `syscall(2)` rather than glibc's wrappers: those are thread
@@ -339,11 +340,7 @@ mod splice {
                 std::ptr::null_mut::<libc::socklen_t>(),
             )
         };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        checked(n as isize)
     }
 
     /// See [`recv`]. `MSG_NOSIGNAL`: a closed peer is an `EPIPE` error, not a signal.
@@ -361,11 +358,7 @@ mod splice {
                 0 as libc::socklen_t,
             )
         };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        checked(n as isize)
     }
 
     /// One readiness-driven call of `op` on `sock`, as tokio's own `poll_read`/`poll_write`: a

@@ -33,6 +33,18 @@ impl Gateway {
         }
     }
 
+    /// Waits (bounded) for the process to exit.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "tagway did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
@@ -132,14 +144,7 @@ fn run_follows_the_files() {
     // SIGTERM stops cleanly.
     gw.signal("-TERM");
     gw.expect("tagway stopped", Duration::from_secs(10));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = gw.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "tagway did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = gw.wait_exit(Duration::from_secs(10));
     assert!(status.success());
 }
 
@@ -230,14 +235,7 @@ fn access_log_has_the_connections_that_ended_while_draining() {
         assert_eq!(echo, b"ping");
     }
     drop(clients);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = gw.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "tagway did not exit");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = gw.wait_exit(Duration::from_secs(20));
     assert!(status.success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.lines().count(), CLIENTS, "{text}");
