@@ -680,6 +680,133 @@ mod tests {
         assert_eq!(t.to_client, payload.len() as u64);
     }
 
+    /// Writes `data` in pieces of varying size (1 B to 48 KiB: small messages, buffer-filling
+    /// reads and bulk; with `small_only`, up to 2 KiB), then shuts its write side.
+    async fn write_mixed(
+        mut w: impl AsyncWriteExt + Unpin,
+        data: Vec<u8>,
+        seed: u32,
+        small_only: bool,
+    ) {
+        let mut x = seed;
+        let mut off = 0;
+        while off < data.len() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let n = match if small_only { x % 2 } else { x % 4 } {
+                0 => 1 + (x as usize >> 8) % 64,
+                1 => 1 + (x as usize >> 8) % 2048,
+                2 => 16 * 1024,
+                _ => 1 + (x as usize >> 8) % (48 * 1024),
+            }
+            .min(data.len() - off);
+            w.write_all(&data[off..off + n]).await.unwrap();
+            off += n;
+            if x % 16 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        w.shutdown().await.unwrap();
+    }
+
+    /// Reads to the end, pausing now and then so that the proxy finds the socket buffer full.
+    async fn read_slowly(mut r: impl AsyncReadExt + Unpin) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 7000];
+        let mut reads = 0u32;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+            reads += 1;
+            if reads % 8 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    /// Both directions at once, messages from 1 byte to bulk, slow readers on both ends: every
+    /// byte arrives once and in order (short writes, the kept remainder, the switches between
+    /// the small-message and splice modes).
+    async fn both_ways_mixed_sizes(engine: u8, small_only: bool) {
+        const RCVBUF: usize = 32 * 1024;
+        let ((client, mut pc), (mut pb, backend)) = pairs().await;
+        // Small socket buffers: the proxy's writes come back short and it keeps the rest.
+        for s in [&pc, &pb] {
+            socket2::SockRef::from(s)
+                .set_send_buffer_size(8192)
+                .unwrap();
+        }
+        for s in [&client, &pc, &pb, &backend] {
+            s.set_nodelay(true).unwrap();
+        }
+        for s in [&client, &backend] {
+            socket2::SockRef::from(s)
+                .set_recv_buffer_size(RCVBUF)
+                .unwrap();
+        }
+        // No termination delay: the shorter direction ends first, the other goes on to its end.
+        let delay = None;
+        let h = tokio::spawn(async move {
+            match engine {
+                #[cfg(target_os = "linux")]
+                1 => copy_spliced(&mut pc, &mut pb, delay, &mut Meter::default()).await,
+                _ => copy_buffered(&mut pc, &mut pb, delay, &mut Meter::default()).await,
+            }
+        });
+        let up: Vec<u8> = (0..6_000_000u32)
+            .map(|i| (i.wrapping_mul(7) % 253) as u8)
+            .collect();
+        let down: Vec<u8> = (0..9_000_000u32)
+            .map(|i| (i.wrapping_mul(13) % 241) as u8)
+            .collect();
+        let (cr, cw) = client.into_split();
+        let (br, bw) = backend.into_split();
+        let writers = tokio::spawn(write_mixed(cw, up.clone(), 0x9e37_79b9, small_only));
+        let writerb = tokio::spawn(write_mixed(bw, down.clone(), 0x85eb_ca6b, small_only));
+        let (got_up, got_down) = tokio::join!(read_slowly(br), read_slowly(cr));
+        writers.await.unwrap();
+        writerb.await.unwrap();
+        assert!(
+            got_up == up,
+            "to the backend: {} of {} bytes, or reordered",
+            got_up.len(),
+            up.len()
+        );
+        assert!(
+            got_down == down,
+            "to the client: {} of {} bytes, or reordered",
+            got_down.len(),
+            down.len()
+        );
+        let (outcome, t) = h.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed), "{outcome:?}");
+        assert_eq!(t.to_backend, up.len() as u64);
+        assert_eq!(t.to_client, down.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn both_ways_mixed_sizes_buffered() {
+        both_ways_mixed_sizes(0, false).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn both_ways_mixed_sizes_spliced() {
+        both_ways_mixed_sizes(1, false).await;
+    }
+
+    /// Small messages only: the spliced engine stays in its small-message mode, and what a full
+    /// socket does not take is kept and written later.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn both_ways_small_messages_spliced() {
+        both_ways_mixed_sizes(1, true).await;
+    }
+
     #[tokio::test]
     async fn half_close_buffered() {
         half_close(0).await;
