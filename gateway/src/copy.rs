@@ -703,7 +703,7 @@ mod tests {
             .min(data.len() - off);
             w.write_all(&data[off..off + n]).await.unwrap();
             off += n;
-            if x % 16 == 0 {
+            if x.is_multiple_of(16) {
                 tokio::task::yield_now().await;
             }
         }
@@ -722,7 +722,7 @@ mod tests {
             }
             out.extend_from_slice(&buf[..n]);
             reads += 1;
-            if reads % 8 == 0 {
+            if reads.is_multiple_of(8) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
