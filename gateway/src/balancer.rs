@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::metrics::Counters;
+use tagway_transport::ServerAddr;
 
 /// Milliseconds since the first call (tokio's clock, so paused-clock tests work), never 0.
 pub(crate) fn now_ms() -> u64 {
@@ -28,8 +29,8 @@ pub(crate) fn now_ms() -> u64 {
 /// open connections.
 #[derive(Debug)]
 pub struct ServerState {
-    /// `host:port`.
-    pub address: String,
+    /// `host:port`, split when the configuration was compiled (see [`ServerAddr`]).
+    pub address: ServerAddr,
     /// Dial with TLS.
     pub tls: bool,
     /// Weight in the round-robin (0 = never picked).
@@ -44,7 +45,7 @@ impl ServerState {
     /// A healthy server.
     pub fn new(address: impl Into<String>, weight: u32, tls: bool) -> Self {
         ServerState {
-            address: address.into(),
+            address: ServerAddr::new(address),
             tls,
             weight,
             healthy: AtomicBool::new(true),
@@ -242,7 +243,7 @@ mod tests {
 
     fn name(b: &Balancer) -> String {
         b.pick(&Vec::new())
-            .map(|p| p.server.address.clone())
+            .map(|p| p.server.address.to_string())
             .unwrap_or_default()
     }
 

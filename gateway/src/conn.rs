@@ -528,7 +528,7 @@ async fn dial(
         // Boxed on its own (as this future is by the caller): each stays small enough for the
         // allocator's per-thread cache (glibc: up to 1032 bytes); one ~1 KiB block would take the
         // allocator's slow path (and its consolidation of free chunks) on every connection.
-        match Box::pin(transport.dial(&pick.server.address, pick.server.tls, addrs)).await {
+        match Box::pin(transport.dial_addr(&pick.server.address, pick.server.tls, addrs)).await {
             Ok(s) => {
                 let took = start.elapsed();
                 pick.server.counters.dial_duration.observe(took);

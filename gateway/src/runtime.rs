@@ -87,7 +87,7 @@ impl Tables {
     }
 }
 
-/// The servers of one service, keyed `(service, address)` (each address once).
+/// The servers of one service (each address once; the service is the table's key).
 type ServerList = Arc<Vec<Arc<ServerState>>>;
 
 struct Ctx<'a> {

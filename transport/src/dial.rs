@@ -25,6 +25,64 @@ use crate::stream::BackendStream;
 use crate::tls::{NamePolicy, TlsMode};
 use crate::verify::{HandshakeFailure, classify};
 
+/// A server's `host:port` (or `[v6]:port`), with its socket address worked out once, when the
+/// configuration is compiled, if the host is an IP address: dialing it then parses nothing.
+/// A host name is resolved at every dial; an address that is not a valid `host:port` fails at
+/// the dial, which says why.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServerAddr {
+    text: String,
+    ip: Option<SocketAddr>,
+}
+
+impl ServerAddr {
+    /// Splits `text` now (see the type).
+    pub fn new(text: impl Into<String>) -> Self {
+        let text = text.into();
+        let ip = split_host_port(&text)
+            .ok()
+            .and_then(|(host, port)| Some(SocketAddr::new(host.parse::<IpAddr>().ok()?, port)));
+        ServerAddr { text, ip }
+    }
+
+    /// The address as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::ops::Deref for ServerAddr {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl PartialEq<str> for ServerAddr {
+    fn eq(&self, other: &str) -> bool {
+        self.text == other
+    }
+}
+
+impl PartialEq<&str> for ServerAddr {
+    fn eq(&self, other: &&str) -> bool {
+        self.text == *other
+    }
+}
+
+impl PartialEq<String> for ServerAddr {
+    fn eq(&self, other: &String) -> bool {
+        &self.text == other
+    }
+}
+
 /// When several addresses are tried within a dial timeout, each gets an equal share of the time
 /// left, but never less than this (or the time left), as Go's dialer does.
 const MIN_ATTEMPT: Duration = Duration::from_secs(2);
@@ -162,6 +220,16 @@ impl Transport {
         tls: bool,
         client: Option<ClientAddrs>,
     ) -> Result<BackendStream, DialError> {
+        self.dial_addr(&ServerAddr::new(server), tls, client).await
+    }
+
+    /// [`Transport::dial`] for an address split beforehand (the data plane's servers).
+    pub async fn dial_addr(
+        &self,
+        server: &ServerAddr,
+        tls: bool,
+        client: Option<ClientAddrs>,
+    ) -> Result<BackendStream, DialError> {
         let stage = Stage::default();
         // The steps' future is built inside each arm: built before the match, it would be kept
         // twice in this future (once alone, once inside the timeout).
@@ -179,7 +247,7 @@ impl Transport {
             None => self.dial_steps(server, tls, client.as_ref(), &stage).await,
         };
         result.map_err(|kind| {
-            let error = DialError::new(server, kind);
+            let error = DialError::new(server.as_str(), kind);
             tracing::debug!(transport = %self.inner.name, %error, reason = error.reason().as_str(), "dial failed");
             error
         })
@@ -187,26 +255,26 @@ impl Transport {
 
     async fn dial_steps(
         &self,
-        server: &str,
+        server: &ServerAddr,
         tls: bool,
         client: Option<&ClientAddrs>,
         stage: &Stage,
     ) -> Result<BackendStream, DialErrorKind> {
-        let (host, port) = split_host_port(server)?;
+        // An invalid address fails first (an IP address was split with the configuration).
+        if server.ip.is_none() {
+            split_host_port(server)?;
+        }
         // Decide TLS before connecting, so that a missing identity fails fast.
         let tls = self.tls_for(tls)?;
         stage.set(DialStage::Resolve);
-        // An IP literal (the common case) needs no lookup and no list; the lookup and the
+        // An IP address (the common case) needs no lookup and no list; the lookup and the
         // several-address connect are boxed so that they do not enlarge every dial's future.
-        let literal;
         let looked_up;
-        let (addrs, deadline): (&[SocketAddr], _) = match host.parse::<IpAddr>() {
+        let (addrs, deadline): (&[SocketAddr], _) = match &server.ip {
             // One address: `dial`'s timeout bounds its connect, no deadline to share out.
-            Ok(ip) => {
-                literal = SocketAddr::new(ip, port);
-                (std::slice::from_ref(&literal), None)
-            }
-            Err(_) => {
+            Some(ip) => (std::slice::from_ref(ip), None),
+            None => {
+                let (host, port) = split_host_port(server)?;
                 let deadline = self.inner.dial_timeout.map(|t| Instant::now() + t);
                 looked_up = Box::pin(resolve(host, port)).await?;
                 (&looked_up, deadline)
@@ -233,6 +301,7 @@ impl Transport {
         };
         // Boxed: the TLS handshake state is large (a rustls connection) and only TLS dials need
         // it; inline it would make every connection's task that much bigger.
+        let (host, _) = split_host_port(server)?;
         Box::pin(self.secure(tcp, peer, host, header, config, name, stage)).await
     }
 
@@ -477,6 +546,21 @@ impl Stage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_addr_splits_ip_addresses_once() {
+        let v4 = ServerAddr::new("10.0.0.5:5432");
+        assert_eq!(v4.ip, Some("10.0.0.5:5432".parse().unwrap()));
+        assert_eq!(v4, "10.0.0.5:5432");
+        assert_eq!(v4.to_string(), "10.0.0.5:5432");
+        let v6 = ServerAddr::new("[::1]:443");
+        assert_eq!(v6.ip, Some("[::1]:443".parse().unwrap()));
+        assert_eq!(&*v6, "[::1]:443");
+        // A name is resolved at each dial; an invalid address is left for the dial to explain.
+        for other in ["db.service:5432", "10.0.0.5", "::1:443", "10.0.0.5:http"] {
+            assert_eq!(ServerAddr::new(other).ip, None, "{other}");
+        }
+    }
 
     #[test]
     fn host_port() {

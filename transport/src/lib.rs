@@ -34,7 +34,7 @@ mod stream;
 pub mod tls;
 pub mod verify;
 
-pub use dial::Transport;
+pub use dial::{ServerAddr, Transport};
 pub use error::{CheckError, DialError, DialErrorKind, DialErrorReason, DialStage, TransportError};
 pub use identity::{Identity, IdentityError, IdentitySource, SourceKind};
 pub use proxy_protocol::{ClientAddrs, ProxyPlacement, ProxyVersion};

@@ -435,7 +435,7 @@ pub fn main(path: &Path) -> ExitCode {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
-        let access_log = obs.clone();
+        let obs_at_exit = obs.clone();
         if let Err(e) = crate::admin::spawn_if_configured(
             st.clone(),
             obs,
@@ -458,7 +458,7 @@ pub fn main(path: &Path) -> ExitCode {
         // Every connection has ended: write out the access-log lines still queued before the
         // process exit cuts the writer thread off.
         let flushed = tokio::task::spawn_blocking(move || {
-            access_log.flush_access_log(ACCESS_LOG_FLUSH_TIMEOUT)
+            obs_at_exit.flush_access_log(ACCESS_LOG_FLUSH_TIMEOUT)
         })
         .await
         .unwrap_or(false);
