@@ -20,7 +20,7 @@ use tagway_config::ServersTransport;
 use crate::error::{DialError, DialErrorKind, DialStage, TransportError};
 use crate::identity::IdentitySource;
 use crate::proxy_protocol::{self, ClientAddrs, ProxyPlacement, ProxyVersion};
-use crate::socket::{self, SocketOptions};
+use crate::socket::SocketOptions;
 use crate::stream::BackendStream;
 use crate::tls::{NamePolicy, TlsMode};
 use crate::verify::{HandshakeFailure, classify};
@@ -370,7 +370,7 @@ impl Transport {
             .socket
             .socket(peer)
             .map_err(|error| DialErrorKind::Socket { peer, error })?;
-        socket::connect(socket, peer).await.map_err(|error| {
+        socket.connect(peer).await.map_err(|error| {
             tracing::debug!(transport = %self.inner.name, %peer, %error, "connect failed");
             DialErrorKind::Connect { peer, error }
         })
@@ -391,7 +391,7 @@ impl Transport {
                     continue;
                 }
             };
-            let attempt = socket::connect(socket, peer);
+            let attempt = socket.connect(peer);
             let result = match deadline {
                 // A single address has the whole dial timeout, which `dial` already enforces:
                 // no second timer per connection.

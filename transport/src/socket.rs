@@ -4,8 +4,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::TcpStream;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpSocket;
 
 use tagway_config::Duration as ConfigDuration;
 
@@ -109,146 +109,13 @@ impl SocketOptions {
         socket.set_tcp_nodelay(self.nodelay)
     }
 
-    /// Opens a non-blocking socket for `peer` with the options applied, ready for [`connect`].
-    pub fn socket(&self, peer: SocketAddr) -> io::Result<Socket> {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        let socket = Socket::new(
-            Domain::for_address(peer),
-            Type::STREAM.nonblocking(),
-            Some(Protocol::TCP),
-        )?;
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        let socket = {
-            let socket = Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))?;
-            socket.set_nonblocking(true)?;
-            socket
+    /// Opens a socket for `addr` with the options applied, ready to connect.
+    pub fn socket(&self, addr: SocketAddr) -> io::Result<TcpSocket> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         self.apply_inner(SockRef::from(&socket), true)?;
         Ok(socket)
-    }
-}
-
-/// Connects a non-blocking `socket` (from [`SocketOptions::socket`]) to `peer`.
-///
-/// A peer on the same host usually completes the handshake inside connect(2): the loopback
-/// delivers the SYN and its answer before the call returns, yet a non-blocking connect still
-/// reports `EINPROGRESS`. A second connect(2) tells at once (in place of the `SO_ERROR` read
-/// that would follow the wait): 0 or `EISCONN` = connected, so the dial skips the wait for
-/// writability, its timer and a wake-up of the task; `EALREADY` = still in progress, wait for
-/// writability and read `SO_ERROR` as usual; any other error is the connect's failure (a
-/// refused port on this host answers before the first call returns).
-pub async fn connect(socket: Socket, peer: SocketAddr) -> io::Result<TcpStream> {
-    let addr = SockAddr::from(peer);
-    if connected_at_once(&socket, &addr)? {
-        return TcpStream::from_std(socket.into());
-    }
-    let stream = TcpStream::from_std(socket.into())?;
-    stream.writable().await?;
-    match stream.take_error()? {
-        Some(error) => Err(error),
-        None => Ok(stream),
-    }
-}
-
-/// Starts a non-blocking connect; true when the connection is already established (see
-/// [`connect`]), false when the caller has to wait for it.
-fn connected_at_once(socket: &Socket, addr: &SockAddr) -> io::Result<bool> {
-    match socket.connect(addr) {
-        Ok(()) => return Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EISCONN) => return Ok(true),
-        Err(e) if in_progress(&e) => {}
-        Err(e) => return Err(e),
-    }
-    match socket.connect(addr) {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EISCONN) => Ok(true),
-        Err(e) if in_progress(&e) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// `EINPROGRESS` (a connect started) or `EALREADY` (one is under way).
-fn in_progress(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EALREADY))
-        || e.kind() == io::ErrorKind::WouldBlock
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-
-    /// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
-    /// stays in progress until a slot frees and the SYN is retransmitted (~1 s).
-    fn full_listener() -> (Socket, SocketAddr, std::net::TcpStream) {
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-        listener
-            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-            .unwrap();
-        // Linux queues backlog + 1 connections: one.
-        listener.listen(0).unwrap();
-        let addr = listener.local_addr().unwrap().as_socket().unwrap();
-        let queued = std::net::TcpStream::connect(addr).unwrap();
-        (listener, addr, queued)
-    }
-
-    #[tokio::test]
-    async fn a_local_connect_completes_inside_the_first_call() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = listener.local_addr().unwrap();
-        let options = SocketOptions::from_keep_alive(ConfigDuration::ZERO);
-        let socket = options.socket(peer).unwrap();
-        #[cfg(target_os = "linux")]
-        assert!(
-            connected_at_once(&socket, &SockAddr::from(peer)).unwrap(),
-            "the loopback handshake completes before connect(2) returns"
-        );
-        let mut stream = connect(socket, peer).await.unwrap();
-        let (mut accepted, _) = listener.accept().unwrap();
-        accepted.write_all(b"hello").unwrap();
-        let mut got = [0u8; 5];
-        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut got)
-            .await
-            .unwrap();
-        assert_eq!(&got, b"hello");
-        assert_eq!(stream.peer_addr().unwrap(), peer);
-        drop(stream);
-        let mut rest = Vec::new();
-        accepted.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_refused_connect_fails_without_waiting() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = listener.local_addr().unwrap();
-        drop(listener);
-        let options = SocketOptions::from_keep_alive(ConfigDuration::ZERO);
-        let err = connect(options.socket(peer).unwrap(), peer)
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
-    }
-
-    #[tokio::test]
-    async fn a_connect_in_progress_waits_for_the_handshake() {
-        let (listener, peer, queued) = full_listener();
-        let options = SocketOptions::from_keep_alive(ConfigDuration::ZERO);
-        let socket = options.socket(peer).unwrap();
-        // The SYN was dropped: neither connected nor failed.
-        assert!(!connected_at_once(&socket, &SockAddr::from(peer)).unwrap());
-        let connecting = tokio::spawn(connect(socket, peer));
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert!(!connecting.is_finished(), "no answer to the SYN yet");
-        // Free the queue: the retransmitted SYN is answered.
-        let (first, _) = listener.accept().unwrap();
-        let stream = tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
-            .await
-            .expect("the retransmitted SYN completes the connect")
-            .unwrap()
-            .unwrap();
-        let (_, from) = listener.accept().unwrap();
-        assert_eq!(from.as_socket(), Some(stream.local_addr().unwrap()));
-        drop((first, queued));
     }
 }
