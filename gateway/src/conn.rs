@@ -35,9 +35,11 @@ pub struct Options {
     pub hold_out: Duration,
     /// Use splice(2) between two plain TCP sockets (Linux).
     pub splice: bool,
-    /// Threads serving connections, each with its own single-thread runtime and its own
-    /// SO_REUSEPORT listener per entry point (the kernel spreads connections). Default:
-    /// `TOKIO_WORKER_THREADS`, else the number of CPUs.
+    /// Threads serving connections, each with its own single-thread runtime, accepting from a
+    /// listening socket per entry point shared by up to
+    /// [`WORKERS_PER_SOCKET`](crate::entrypoint::WORKERS_PER_SOCKET) threads (several sockets
+    /// in an SO_REUSEPORT group beyond that). Default: `TOKIO_WORKER_THREADS`, else the number
+    /// of CPUs.
     pub workers: usize,
 }
 

@@ -82,9 +82,8 @@ pub fn parse_address(entry_point: &str, address: &str) -> Result<Vec<SocketAddr>
 }
 
 /// Binds a non-blocking listener with SO_REUSEADDR and, when `shared` (Unix), SO_REUSEPORT, so
-/// every worker thread can have its own listener on the same address and the kernel spreads
-/// connections. Use [`bind_group`] for an entry point: it refuses an address another process
-/// listens on.
+/// several listening sockets can have the same address and the kernel spreads connections over
+/// them. Use [`bind_group`] for an entry point: it refuses an address another process listens on.
 pub fn bind_addr(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
     let sock = socket(addr)?;
     #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
@@ -114,18 +113,52 @@ fn socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(sock)
 }
 
-/// Binds `count` listeners on `addr` (one per worker thread) that only this process shares:
+/// Worker threads that accept from one listening socket. Up to this many workers share an
+/// accept queue (each holds a duplicate of the socket): a new connection goes to whichever of
+/// them is free first, instead of waiting in the queue of a busy thread while another idles. A
+/// shared queue wakes every idle worker of the group for each connection (all but one find it
+/// taken), so larger worker counts get several sockets in an SO_REUSEPORT group, each shared by
+/// at most this many workers.
 ///
+/// Measured on the 2-core bench (`docs/performance.md`, fifth round): against one SO_REUSEPORT
+/// socket per worker, CPU per request 0.92 and per new connection 0.96 (paired medians), req/s
+/// 1.06 and connections/s 1.02.
+pub const WORKERS_PER_SOCKET: usize = 4;
+
+/// Binds the listeners of `count` worker threads on `addr`, one per worker, that only this
+/// process shares: `count.div_ceil(WORKERS_PER_SOCKET)` sockets, each duplicated for the
+/// workers that share it (worker `w` gets socket `w % sockets`).
+///
+/// With several sockets:
 /// - before the SO_REUSEPORT group is created, the address is bound once without SO_REUSEPORT:
 ///   a listener of another process (another tagway included) makes that fail with
 ///   `EADDRINUSE`, so a second gateway cannot silently share the port;
 /// - on Linux the group gets a classic BPF program that spreads new connections over the first
-///   `count` sockets only (ours, created first): a socket another process of the same user adds
-///   later with SO_REUSEPORT receives no connection.
+///   sockets only (ours, created first): a socket another process of the same user adds later
+///   with SO_REUSEPORT receives no connection.
 ///
-/// With `count` 1 the listener has no SO_REUSEPORT at all. Fewer than `count` listeners are
-/// returned when a worker's cannot be bound (logged by the caller); the first one always is.
+/// With one socket (up to [`WORKERS_PER_SOCKET`] workers) it has no SO_REUSEPORT at all.
+/// Fewer than `count` listeners are returned when a worker's cannot be made (logged here): the
+/// first one always is.
 pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let count = count.max(1);
+    let mut all = bind_sockets(addr, count.div_ceil(WORKERS_PER_SOCKET))?;
+    let sockets = all.len();
+    for w in sockets..count {
+        match all[w % sockets].try_clone() {
+            Ok(l) => all.push(l),
+            Err(e) => {
+                tracing::warn!(address = %addr, error = %e,
+                    "cannot share the listener with another worker; fewer threads serve it");
+                break;
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Binds `count` listening sockets on `addr` (see [`bind_group`]).
+fn bind_sockets(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
     if count <= 1 {
         return Ok(vec![bind_addr(addr, false)?]);
     }
@@ -145,7 +178,7 @@ pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::Tc
             Ok(l) => all.push(l),
             Err(e) => {
                 tracing::warn!(address = %bound, error = %e,
-                    "cannot add a worker listener (SO_REUSEPORT); fewer threads serve it");
+                    "cannot add a listening socket (SO_REUSEPORT); fewer sockets serve it");
                 break;
             }
         }
@@ -407,14 +440,75 @@ impl Open {
 mod tests {
     use super::*;
 
+    /// The socket behind a descriptor (its inode).
+    fn socket_id(l: &std::net::TcpListener) -> u64 {
+        use std::os::fd::AsRawFd;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat fills `st` for a descriptor we own.
+        let rc = unsafe { libc::fstat(l.as_raw_fd(), st.as_mut_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        // SAFETY: fstat succeeded.
+        unsafe { st.assume_init() }.st_ino
+    }
+
+    /// Accepts `n` connections from any of `ours` (bounded); returns how many each took.
+    async fn accept_all(ours: &[TcpListener], n: usize) -> Vec<usize> {
+        let mut taken = vec![0; ours.len()];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while taken.iter().sum::<usize>() < n && tokio::time::Instant::now() < deadline {
+            for (i, l) in ours.iter().enumerate() {
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(5), l.accept()).await
+                {
+                    taken[i] += 1;
+                }
+            }
+        }
+        taken
+    }
+
+    #[tokio::test]
+    async fn workers_share_one_socket_up_to_the_group_size() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), WORKERS_PER_SOCKET).unwrap();
+        assert_eq!(group.len(), WORKERS_PER_SOCKET);
+        let id = socket_id(&group[0]);
+        assert!(group.iter().all(|l| socket_id(l) == id), "one socket");
+        let addr = group[0].local_addr().unwrap();
+        // One socket, no SO_REUSEPORT: nothing else can join, with or without it.
+        for shared in [false, true] {
+            let e = bind_addr(addr, shared).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        }
+        // Any worker's descriptor accepts from the one queue.
+        let ours: Vec<TcpListener> = group
+            .into_iter()
+            .map(|l| TcpListener::from_std(l).unwrap())
+            .collect();
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        assert_eq!(
+            ours[3].accept().await.unwrap().1,
+            clients[0].local_addr().unwrap()
+        );
+        assert_eq!(accept_all(&ours, 7).await.iter().sum::<usize>(), 7);
+    }
+
     #[tokio::test]
     async fn a_group_is_not_shared_with_another_process() {
-        let group = bind_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
-        assert_eq!(group.len(), 3);
+        let count = 2 * WORKERS_PER_SOCKET + 1;
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), count).unwrap();
+        assert_eq!(group.len(), count);
         let addr = group[0].local_addr().unwrap();
         assert!(group.iter().all(|l| l.local_addr().unwrap() == addr));
+        // Three sockets; worker w has socket w % 3.
+        let ids: Vec<u64> = group.iter().map(socket_id).collect();
+        for (w, id) in ids.iter().enumerate() {
+            assert_eq!(*id, ids[w % 3], "worker {w}");
+        }
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
         // What a second gateway does: refused, with or without SO_REUSEPORT.
-        let e = bind_group(addr, 3).unwrap_err();
+        let e = bind_group(addr, count).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
         assert_eq!(
             bind_group(addr, 1).unwrap_err().kind(),
@@ -428,28 +522,21 @@ mod tests {
             "{e}"
         );
         // A foreign SO_REUSEPORT socket of the same user can join the group, but gets no
-        // connection: every one lands on ours.
+        // connection: every one lands on ours, on each of the three sockets.
         let foreign = bind_addr(addr, true).unwrap();
         foreign.set_nonblocking(true).unwrap();
         let ours: Vec<TcpListener> = group
             .into_iter()
+            .take(3)
             .map(|l| TcpListener::from_std(l).unwrap())
             .collect();
         let mut clients = Vec::new();
-        for _ in 0..40 {
+        for _ in 0..60 {
             clients.push(TcpStream::connect(addr).await.unwrap());
         }
-        let mut accepted = 0;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while accepted < clients.len() && tokio::time::Instant::now() < deadline {
-            for l in &ours {
-                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(5), l.accept()).await
-                {
-                    accepted += 1;
-                }
-            }
-        }
-        assert_eq!(accepted, clients.len());
+        let taken = accept_all(&ours, clients.len()).await;
+        assert_eq!(taken.iter().sum::<usize>(), clients.len());
+        assert!(taken.iter().all(|n| *n > 0), "{taken:?}");
         assert!(
             foreign.accept().is_err(),
             "the foreign socket got a connection"

@@ -430,8 +430,9 @@ pub fn tune_allocator() {
 
 /// The runtime to call [`Gateway::run`] on: a single-thread (current-thread) runtime. The gateway
 /// itself starts `Options::workers - 1` more threads (default `TOKIO_WORKER_THREADS`, else one per
-/// CPU), each with its own single-thread runtime and its own SO_REUSEPORT listeners: no
-/// work-stealing and no cross-thread wakeups in the data path (nginx's worker model).
+/// CPU), each with its own single-thread runtime accepting from a listening socket it shares
+/// with up to three other workers: no work-stealing and no cross-thread wakeups in the data path
+/// (nginx's worker model).
 pub fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

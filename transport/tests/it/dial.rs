@@ -47,6 +47,40 @@ async fn invalid_addresses() -> Result<()> {
     Ok(())
 }
 
+/// A backend whose accept queue is full drops the SYN: the connect stays in progress (no
+/// answer at once, unlike a local port that accepts or refuses), and `dialTimeout` ends it in
+/// the connect stage.
+#[tokio::test]
+async fn dial_timeout_bounds_a_connect_without_answer() -> Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    listener.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    // Linux queues backlog + 1 connections: this one fills the queue.
+    listener.listen(0)?;
+    let addr = listener.local_addr()?.as_socket().expect("an inet address");
+    let _queued = std::net::TcpStream::connect(addr)?;
+    let transport = Transport::new(
+        "t",
+        &ServersTransport {
+            dial_timeout: ConfigDuration::from_millis(300),
+            ..ServersTransport::default()
+        },
+        None,
+    )?;
+    let started = std::time::Instant::now();
+    let err = transport
+        .dial(&addr.to_string(), false, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.kind(), DialErrorKind::Timeout { after, stage: DialStage::Connect } if *after == Duration::from_millis(300)),
+        "{err:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(err.to_string().contains("timed out after 300ms"), "{err}");
+    Ok(())
+}
+
 /// A backend that accepts (the kernel completes the TCP handshake) and never answers: the TLS
 /// handshake waits for a ServerHello that never comes, and `dialTimeout` ends it.
 #[tokio::test(start_paused = true)]
