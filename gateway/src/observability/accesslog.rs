@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -389,33 +389,28 @@ fn writer(rx: Receiver<Msg>, out: Box<dyn Write + Send>, format: LogFormat, line
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
-            let r = match msg {
-                Msg::Record(r) => r,
+            match msg {
+                Msg::Record(r) => {
+                    line.clear();
+                    format_line(&mut line, &r.fields(), format);
+                    drop(r);
+                    if let Err(e) = out.write_all(line.as_bytes()) {
+                        if !failed {
+                            tracing::error!(error = %e, "access log: write failed; lines are being lost");
+                            failed = true;
+                        }
+                    } else {
+                        failed = false;
+                        lines.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // Everything queued before the flush request is written by now.
                 Msg::Flush(ack) => {
                     let _ = out.flush();
                     let _ = ack.send(());
-                    if let Ok(m) = rx.try_recv() {
-                        next = Some(m);
-                    }
-                    continue;
                 }
-            };
-            line.clear();
-            format_line(&mut line, &r.fields(), format);
-            drop(r);
-            if let Err(e) = out.write_all(line.as_bytes()) {
-                if !failed {
-                    tracing::error!(error = %e, "access log: write failed; lines are being lost");
-                    failed = true;
-                }
-            } else {
-                failed = false;
-                lines.fetch_add(1, Ordering::Relaxed);
             }
-            match rx.try_recv() {
-                Ok(r) => next = Some(r),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
-            }
+            next = rx.try_recv().ok();
         }
         let _ = out.flush();
     }
