@@ -1,0 +1,307 @@
+//! floor-proxy: the least a TCP proxy can do per connection with the sockets tagway uses. It
+//! measures the floor under tagway's data plane: what the kernel work that issue 3 requires costs
+//! with no runtime, routing, metrics or configuration on top.
+//!
+//! One thread, one `epoll` instance (through `mio`, which closes a socket without deleting it from
+//! epoll first: the kernel removes it at close), and per connection only the system calls tagway
+//! makes:
+//!
+//! - the listener has TCP_NODELAY, which Linux copies to every accepted socket;
+//! - the server socket gets Traefik's `dialKeepAlive` default (SO_KEEPALIVE, TCP_KEEPIDLE and
+//!   TCP_KEEPINTVL 15s) and TCP_NODELAY, and is connected without blocking; the connect completes
+//!   at writability (SO_ERROR);
+//! - bytes are copied through a 16 KiB stack buffer; a short read ends a burst (no call that only
+//!   returns `EAGAIN`) unless the peer's FIN came with it;
+//! - half-close, as tagway does it: the FIN of one side becomes a `shutdown(SHUT_WR)` toward the
+//!   other, which keeps being read until its own FIN; then both sockets are closed.
+//!
+//! With `--close-at-eof` the first FIN closes both sockets instead (what nginx's `stream` proxy
+//! does by default, `proxy_half_close off`).
+//!
+//! It has no timers (a peer that never closes keeps its connection), no limits and no logging:
+//! a measuring instrument, not a gateway.
+//!
+//! ```text
+//! cargo build --release -p tagway-integration --bin floor-proxy
+//! target/release/floor-proxy 127.0.0.1:7000 127.0.0.1:8080 [--close-at-eof]
+//! scripts/bench-dataplane --floor --tests cc     # beside tagway, HAProxy and nginx
+//! ```
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Socket, TcpKeepalive, Type};
+
+/// The listener's token (connections use `2 * slot` and `2 * slot + 1`).
+const LISTENER: Token = Token(usize::MAX);
+/// The copy buffer (on the stack), as tagway's small-message path.
+const BUF: usize = 16 * 1024;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let close_at_eof = args.iter().any(|a| a == "--close-at-eof");
+    let addrs: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let [listen, backend] = addrs[..] else {
+        bail!("usage: floor-proxy LISTEN_ADDR BACKEND_ADDR [--close-at-eof]");
+    };
+    let listen: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("listen address {listen:?}"))?;
+    let backend: SocketAddr = backend
+        .parse()
+        .with_context(|| format!("backend address {backend:?}"))?;
+    let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
+    println!("listening on {}", listener.local_addr()?);
+    Proxy {
+        listener,
+        backend,
+        close_at_eof,
+        conns: Vec::new(),
+        free: Vec::new(),
+    }
+    .run()
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_tcp_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(TcpListener::from_std(s.into()))
+}
+
+/// Opens the server socket with tagway's options and starts a non-blocking connect.
+fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(15));
+    s.set_tcp_keepalive(&ka)?;
+    s.set_tcp_nodelay(true)?;
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(s.into()))
+}
+
+/// One direction's source side.
+#[derive(Default)]
+struct Side {
+    /// Readiness not yet consumed by a read.
+    readable: bool,
+    /// The peer's FIN (or an error) was signalled: read on after a short read.
+    closed: bool,
+    /// Read returned 0.
+    eof: bool,
+    /// Bytes read but not yet written to the other side (it was full).
+    pending: Vec<u8>,
+    /// The FIN was passed on (`shutdown(SHUT_WR)` of the other side).
+    forwarded: bool,
+}
+
+struct Conn {
+    /// 0: the client, 1: the server.
+    socks: [TcpStream; 2],
+    sides: [Side; 2],
+    connected: bool,
+}
+
+enum Step {
+    Open,
+    Close,
+}
+
+struct Proxy {
+    listener: TcpListener,
+    backend: SocketAddr,
+    close_at_eof: bool,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+}
+
+impl Proxy {
+    fn run(mut self) -> anyhow::Result<()> {
+        let mut poll = Poll::new()?;
+        let mut events = Events::with_capacity(256);
+        poll.registry()
+            .register(&mut self.listener, LISTENER, Interest::READABLE)?;
+        let mut buf = [0u8; BUF];
+        loop {
+            if let Err(e) = poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            for ev in events.iter() {
+                if ev.token() == LISTENER {
+                    self.accept(&poll);
+                    continue;
+                }
+                let slot = ev.token().0 / 2;
+                let which = ev.token().0 % 2;
+                let Some(Some(conn)) = self.conns.get_mut(slot) else {
+                    continue;
+                };
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    conn.sides[which].readable = true;
+                }
+                if ev.is_read_closed() || ev.is_error() {
+                    conn.sides[which].closed = true;
+                }
+                if which == 1 && !conn.connected {
+                    if !(ev.is_writable() || ev.is_error()) {
+                        continue;
+                    }
+                    match conn.socks[1].take_error() {
+                        Ok(None) => conn.connected = true,
+                        _ => {
+                            self.close(slot);
+                            continue;
+                        }
+                    }
+                }
+                if !conn.connected {
+                    continue;
+                }
+                if let Step::Close = pump(conn, &mut buf, self.close_at_eof) {
+                    self.close(slot);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, poll: &Poll) {
+        loop {
+            let client = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    return;
+                }
+            };
+            let server = match dial(self.backend) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("dial {}: {e}", self.backend);
+                    continue;
+                }
+            };
+            let slot = self.free.pop().unwrap_or_else(|| {
+                self.conns.push(None);
+                self.conns.len() - 1
+            });
+            let mut conn = Conn {
+                socks: [client, server],
+                sides: Default::default(),
+                connected: false,
+            };
+            let both = Interest::READABLE | Interest::WRITABLE;
+            let registered = poll
+                .registry()
+                .register(&mut conn.socks[0], Token(2 * slot), both)
+                .and_then(|()| {
+                    poll.registry()
+                        .register(&mut conn.socks[1], Token(2 * slot + 1), both)
+                });
+            match registered {
+                Ok(()) => self.conns[slot] = Some(conn),
+                Err(e) => {
+                    eprintln!("epoll: {e}");
+                    self.free.push(slot);
+                }
+            }
+        }
+    }
+
+    /// Closes both sockets (the kernel drops them from epoll at close).
+    fn close(&mut self, slot: usize) {
+        self.conns[slot] = None;
+        self.free.push(slot);
+    }
+}
+
+/// Moves what can be moved in both directions; says when the connection is over.
+fn pump(conn: &mut Conn, buf: &mut [u8; BUF], close_at_eof: bool) -> Step {
+    for from in 0..2 {
+        let to = 1 - from;
+        let [a, b] = &mut conn.socks;
+        let (src, dst) = if from == 0 { (a, b) } else { (b, a) };
+        let side = &mut conn.sides[from];
+        // First what the other socket could not take before.
+        if !side.pending.is_empty() {
+            match write_some(dst, &side.pending) {
+                Ok(n) => {
+                    side.pending.drain(..n);
+                }
+                Err(_) => return Step::Close,
+            }
+            if !side.pending.is_empty() {
+                continue;
+            }
+        }
+        while side.readable && !side.eof {
+            match src.read(buf) {
+                Ok(0) => {
+                    side.eof = true;
+                    side.readable = false;
+                }
+                Ok(n) => {
+                    let w = match write_some(dst, &buf[..n]) {
+                        Ok(w) => w,
+                        Err(_) => return Step::Close,
+                    };
+                    if w < n {
+                        side.pending.extend_from_slice(&buf[w..n]);
+                        break;
+                    }
+                    if n < BUF && !side.closed {
+                        side.readable = false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => side.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Step::Close,
+            }
+        }
+        if side.eof && side.pending.is_empty() && !side.forwarded {
+            if close_at_eof {
+                return Step::Close;
+            }
+            side.forwarded = true;
+            if !conn.sides[to].eof && dst.shutdown(Shutdown::Write).is_err() {
+                return Step::Close;
+            }
+        }
+    }
+    if conn.sides.iter().all(|s| s.eof && s.pending.is_empty()) {
+        Step::Close
+    } else {
+        Step::Open
+    }
+}
+
+/// Writes what the socket takes now (0 when it is full).
+fn write_some(dst: &mut TcpStream, mut bytes: &[u8]) -> io::Result<usize> {
+    let total = bytes.len();
+    while !bytes.is_empty() {
+        match dst.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total - bytes.len())
+}
