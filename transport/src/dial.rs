@@ -25,13 +25,15 @@ use crate::stream::BackendStream;
 use crate::tls::{NamePolicy, TlsMode};
 use crate::verify::{HandshakeFailure, classify};
 
-/// A server's `host:port` (or `[v6]:port`), with its socket address worked out once, when the
-/// configuration is compiled, if the host is an IP address: dialing it then parses nothing.
-/// A host name is resolved at every dial; an address that is not a valid `host:port` fails at
-/// the dial, which says why.
+/// A server's `host:port` (or `[v6]:port`), split once, when the configuration is compiled: the
+/// host and port, and the socket address when the host is an IP address. Dialing it parses
+/// nothing; a host name is resolved at every dial. An address that is not a valid `host:port`
+/// fails at the dial, which says why.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServerAddr {
     text: String,
+    /// Where the host is in `text`, and the port (`None`: not a valid `host:port`).
+    host_port: Option<(std::ops::Range<usize>, u16)>,
     ip: Option<SocketAddr>,
 }
 
@@ -39,15 +41,36 @@ impl ServerAddr {
     /// Splits `text` now (see the type).
     pub fn new(text: impl Into<String>) -> Self {
         let text = text.into();
-        let ip = split_host_port(&text)
-            .ok()
-            .and_then(|(host, port)| Some(SocketAddr::new(host.parse::<IpAddr>().ok()?, port)));
-        ServerAddr { text, ip }
+        let (host_port, ip) = match split_host_port(&text) {
+            Ok((host, port)) => {
+                // `host` is a slice of `text`: its place, kept as a range.
+                let start = host.as_ptr() as usize - text.as_ptr() as usize;
+                let ip = host
+                    .parse::<IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, port));
+                (Some((start..start + host.len(), port)), ip)
+            }
+            Err(_) => (None, None),
+        };
+        ServerAddr {
+            text,
+            host_port,
+            ip,
+        }
     }
 
     /// The address as written.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The host (without brackets) and the port; why not, for an invalid address.
+    fn host_port(&self) -> Result<(&str, u16), DialErrorKind> {
+        match &self.host_port {
+            Some((host, port)) => Ok((&self.text[host.clone()], *port)),
+            None => split_host_port(&self.text),
+        }
     }
 }
 
@@ -260,10 +283,8 @@ impl Transport {
         client: Option<&ClientAddrs>,
         stage: &Stage,
     ) -> Result<BackendStream, DialErrorKind> {
-        // An invalid address fails first (an IP address was split with the configuration).
-        if server.ip.is_none() {
-            split_host_port(server)?;
-        }
+        // An invalid address fails first. The split was made with the configuration.
+        let (host, port) = server.host_port()?;
         // Decide TLS before connecting, so that a missing identity fails fast.
         let tls = self.tls_for(tls)?;
         stage.set(DialStage::Resolve);
@@ -274,7 +295,6 @@ impl Transport {
             // One address: `dial`'s timeout bounds its connect, no deadline to share out.
             Some(ip) => (std::slice::from_ref(ip), None),
             None => {
-                let (host, port) = split_host_port(server)?;
                 let deadline = self.inner.dial_timeout.map(|t| Instant::now() + t);
                 looked_up = Box::pin(resolve(host, port)).await?;
                 (&looked_up, deadline)
@@ -301,7 +321,6 @@ impl Transport {
         };
         // Boxed: the TLS handshake state is large (a rustls connection) and only TLS dials need
         // it; inline it would make every connection's task that much bigger.
-        let (host, _) = split_host_port(server)?;
         Box::pin(self.secure(tcp, peer, host, header, config, name, stage)).await
     }
 
@@ -548,17 +567,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn server_addr_splits_ip_addresses_once() {
+    fn server_addr_splits_once() {
         let v4 = ServerAddr::new("10.0.0.5:5432");
         assert_eq!(v4.ip, Some("10.0.0.5:5432".parse().unwrap()));
+        assert_eq!(v4.host_port().unwrap(), ("10.0.0.5", 5432));
         assert_eq!(v4, "10.0.0.5:5432");
         assert_eq!(v4.to_string(), "10.0.0.5:5432");
         let v6 = ServerAddr::new("[::1]:443");
         assert_eq!(v6.ip, Some("[::1]:443".parse().unwrap()));
+        assert_eq!(v6.host_port().unwrap(), ("::1", 443));
         assert_eq!(&*v6, "[::1]:443");
-        // A name is resolved at each dial; an invalid address is left for the dial to explain.
-        for other in ["db.service:5432", "10.0.0.5", "::1:443", "10.0.0.5:http"] {
-            assert_eq!(ServerAddr::new(other).ip, None, "{other}");
+        // A name is resolved at each dial.
+        let name = ServerAddr::new("db.service:5432");
+        assert_eq!(name.ip, None);
+        assert_eq!(name.host_port().unwrap(), ("db.service", 5432));
+        // An invalid address is left for the dial to explain, with the same words.
+        for invalid in ["10.0.0.5", "::1:443", "10.0.0.5:http", "[::1:443", ":80"] {
+            let a = ServerAddr::new(invalid);
+            assert_eq!(a.ip, None, "{invalid}");
+            let why = a.host_port().unwrap_err().to_string();
+            assert_eq!(why, split_host_port(invalid).unwrap_err().to_string());
         }
     }
 
