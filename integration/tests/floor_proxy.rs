@@ -31,9 +31,11 @@ impl Floor {
             .spawn()
             .context("spawning floor-proxy")?;
         let stdout = child.stdout.take().context("stdout")?;
+        // Owned from here, so that the child is killed even if its address never comes; the
+        // address is filled in from its first line.
         let mut floor = Floor {
             child,
-            addr: backend,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let line = timeout(
             WAIT,

@@ -6,10 +6,12 @@
 //! epoll first: the kernel removes it at close), and per connection only the system calls tagway
 //! makes:
 //!
-//! - the listener has TCP_NODELAY, which Linux copies to every accepted socket;
-//! - the server socket gets Traefik's `dialKeepAlive` default (SO_KEEPALIVE, TCP_KEEPIDLE and
-//!   TCP_KEEPINTVL 15s) and TCP_NODELAY, and is connected without blocking; the connect completes
-//!   at writability (SO_ERROR);
+//! - the listener is bound by tagway's own code (`tagway::entrypoint::bind_addr`: TCP_NODELAY,
+//!   which Linux copies to every accepted socket);
+//! - the server socket gets the default transport's options through tagway's own code
+//!   (`tagway_transport::socket::SocketOptions`: Traefik's `dialKeepAlive` default of 15s and
+//!   TCP_NODELAY), and is connected without blocking; the connect completes at writability
+//!   (SO_ERROR);
 //! - bytes are copied through a 16 KiB stack buffer; a short read ends a burst (no call that only
 //!   returns `EAGAIN`) unless the peer's FIN came with it;
 //! - half-close, as tagway does it: the FIN of one side becomes a `shutdown(SHUT_WR)` toward the
@@ -29,12 +31,12 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use socket2::{Domain, Socket, TcpKeepalive, Type};
+use socket2::{Domain, SockRef, Socket, Type};
+use tagway_transport::socket::{DEFAULT_KEEP_ALIVE, SocketOptions};
 
 /// The listener's token (connections use `2 * slot` and `2 * slot + 1`).
 const LISTENER: Token = Token(usize::MAX);
@@ -66,25 +68,23 @@ fn main() -> anyhow::Result<()> {
     .run()
 }
 
+/// The listener exactly as tagway binds an entry point's (one worker, no SO_REUSEPORT).
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_tcp_nodelay(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    Ok(TcpListener::from_std(s.into()))
+    Ok(TcpListener::from_std(tagway::entrypoint::bind_addr(
+        addr, false,
+    )?))
 }
 
-/// Opens the server socket with tagway's options and starts a non-blocking connect.
+/// Opens the server socket with tagway's options (those of the default transport) and starts a
+/// non-blocking connect.
 fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_nonblocking(true)?;
-    let ka = TcpKeepalive::new()
-        .with_time(Duration::from_secs(15))
-        .with_interval(Duration::from_secs(15));
-    s.set_tcp_keepalive(&ka)?;
-    s.set_tcp_nodelay(true)?;
+    SocketOptions {
+        keep_alive: Some(DEFAULT_KEEP_ALIVE),
+        nodelay: true,
+    }
+    .apply(SockRef::from(&s))?;
     match s.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
