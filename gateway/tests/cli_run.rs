@@ -241,3 +241,77 @@ fn access_log_has_the_connections_that_ended_while_draining() {
     assert_eq!(text.lines().count(), CLIENTS, "{text}");
     assert!(text.lines().all(|l| l.contains("close=closed")), "{text}");
 }
+
+/// Listeners are bound once: an entry point added to or removed from the static file is not
+/// applied by SIGHUP, and the log says a restart is needed. The running listener keeps serving.
+#[test]
+fn sighup_names_static_changes_that_need_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let static_file = dir.path().join("tagway.toml");
+    let dynamic = dir.path().join("dynamic.toml");
+    std::fs::write(
+        &dynamic,
+        format!(
+            "[tcp.routers.r]\nrule = \"HostSNI(`*`)\"\nservice = \"s\"\n\
+             [[tcp.services.s.loadBalancer.servers]]\naddress = \"{backend_addr}\"\n"
+        ),
+    )
+    .unwrap();
+    let providers = format!("[providers.file]\nfilename = \"{}\"\n", dynamic.display());
+    std::fs::write(
+        &static_file,
+        format!("[entryPoints.web]\naddress = \"127.0.0.1:{port}\"\n{providers}"),
+    )
+    .unwrap();
+    let mut gw = start(&static_file);
+    gw.expect("configuration applied", Duration::from_secs(20));
+
+    // `web` removed, `other` added, the grace period changed.
+    std::fs::write(
+        &static_file,
+        format!(
+            "[entryPoints.other]\naddress = \"127.0.0.1:0\"\n{providers}\
+             [shutdown]\ngracePeriod = \"1s\"\n"
+        ),
+    )
+    .unwrap();
+    gw.signal("-HUP");
+    let removed = gw.expect("entry point `web`", Duration::from_secs(10));
+    assert!(
+        removed.contains("removed, its listener stays open")
+            && removed.contains("restart tagway to apply it")
+            && removed.contains("tagway.toml"),
+        "{removed}"
+    );
+    let added = gw.expect("entry point `other`", Duration::from_secs(10));
+    assert!(added.contains("added, no listener is opened for it"), "{added}");
+    gw.expect("section `shutdown` changed", Duration::from_secs(10));
+
+    // The running listener still proxies.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut s, _) = backend.accept().unwrap();
+    use std::io::{Read, Write};
+    c.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // A static file that no longer loads is reported; the running configuration stays.
+    std::fs::write(&static_file, "[entryPoints.web\n").unwrap();
+    gw.signal("-HUP");
+    let broken = gw.expect("no longer loads", Duration::from_secs(10));
+    assert!(broken.contains("the running one stays"), "{broken}");
+    drop(c);
+    drop(s);
+
+    gw.signal("-TERM");
+    gw.expect("tagway stopped", Duration::from_secs(10));
+    assert!(gw.wait_exit(Duration::from_secs(10)).success());
+}

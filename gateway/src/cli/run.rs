@@ -449,7 +449,7 @@ pub fn main(path: &Path) -> ExitCode {
         }
         let (signal_tx, signal_rx) = tokio::sync::oneshot::channel();
         let shutdown = async {
-            let _ = signal_tx.send(wait_for_signals(&providers).await);
+            let _ = signal_tx.send(wait_for_signals(&providers, path, &st).await);
         };
         if let Err(e) = gateway.run(providers.config.clone(), shutdown).await {
             tracing::error!("{e}");
@@ -484,7 +484,11 @@ pub fn main(path: &Path) -> ExitCode {
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(p: &Providers) -> std::io::Result<()> {
+async fn wait_for_signals(
+    p: &Providers,
+    static_path: &Path,
+    running: &StaticConfig,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -494,6 +498,7 @@ async fn wait_for_signals(p: &Providers) -> std::io::Result<()> {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration files");
                 p.reload();
+                report_static_changes(static_path, running);
             }
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
@@ -502,6 +507,128 @@ async fn wait_for_signals(p: &Providers) -> std::io::Result<()> {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_p: &Providers) -> std::io::Result<()> {
+async fn wait_for_signals(
+    _p: &Providers,
+    _static_path: &Path,
+    _running: &StaticConfig,
+) -> std::io::Result<()> {
     tokio::signal::ctrl_c().await
+}
+
+/// Reads the static file again (at SIGHUP) and logs, as warnings, every change that only a
+/// restart applies: entry points added, removed or changed (listeners are bound once, at
+/// start), and any other static section. The running configuration is not touched.
+fn report_static_changes(path: &Path, running: &StaticConfig) {
+    let file = path.display();
+    match load_static(path) {
+        Err(e) => tracing::warn!(
+            "static configuration {file} no longer loads, the running one stays: {e}"
+        ),
+        Ok(new) => {
+            for change in static_changes(running, &new) {
+                tracing::warn!("static configuration {file}: {change}: restart tagway to apply it");
+            }
+        }
+    }
+}
+
+/// What differs between the running static configuration and `new`, one line per entry point
+/// and per other section, in a stable order.
+fn static_changes(running: &StaticConfig, new: &StaticConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, ep) in &running.entry_points {
+        match new.entry_points.get(name) {
+            None => out.push(format!(
+                "entry point `{name}` ({}) removed, its listener stays open",
+                ep.address
+            )),
+            Some(n) if n != ep => {
+                let mut keys = Vec::new();
+                if n.address != ep.address {
+                    keys.push(format!("address `{}`, was `{}`", n.address, ep.address));
+                }
+                if n.proxy_protocol != ep.proxy_protocol {
+                    keys.push("proxyProtocol".to_owned());
+                }
+                if n.max_connections != ep.max_connections {
+                    keys.push("maxConnections".to_owned());
+                }
+                if keys.is_empty() {
+                    keys.push("its settings".to_owned());
+                }
+                out.push(format!("entry point `{name}` changed: {}", keys.join(", ")));
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, ep) in &new.entry_points {
+        if !running.entry_points.contains_key(name) {
+            out.push(format!(
+                "entry point `{name}` ({}) added, no listener is opened for it",
+                ep.address
+            ));
+        }
+    }
+    let sections: [(&str, bool); 6] = [
+        (
+            "tcpServersTransport",
+            running.tcp_servers_transport != new.tcp_servers_transport,
+        ),
+        ("providers", running.providers != new.providers),
+        ("admin", running.admin != new.admin),
+        ("log", running.log != new.log),
+        ("accessLog", running.access_log != new.access_log),
+        ("shutdown", running.shutdown != new.shutdown),
+    ];
+    for (section, changed) in sections {
+        if changed {
+            out.push(format!("section `{section}` changed"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml: &str) -> StaticConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tagway.toml");
+        std::fs::write(&path, toml).unwrap();
+        load_static(&path).unwrap()
+    }
+
+    #[test]
+    fn static_changes_name_each_entry_point_and_section() {
+        let running = parse(
+            "[entryPoints.pg]\naddress = \"127.0.0.1:5432\"\n\
+             [entryPoints.redis]\naddress = \"127.0.0.1:6379\"\n",
+        );
+        assert!(static_changes(&running, &running.clone()).is_empty());
+        let new = parse(
+            "[entryPoints.pg]\naddress = \"127.0.0.1:5433\"\n\
+             [entryPoints.mysql]\naddress = \"127.0.0.1:3306\"\n\
+             [shutdown]\ngracePeriod = \"3s\"\n",
+        );
+        assert_eq!(
+            static_changes(&running, &new),
+            [
+                "entry point `pg` changed: address `127.0.0.1:5433`, was `127.0.0.1:5432`",
+                "entry point `redis` (127.0.0.1:6379) removed, its listener stays open",
+                "entry point `mysql` (127.0.0.1:3306) added, no listener is opened for it",
+                "section `shutdown` changed",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_changed_max_connections_is_a_changed_entry_point() {
+        let running = parse("[entryPoints.pg]\naddress = \"127.0.0.1:5432\"\n");
+        let new = parse("[entryPoints.pg]\naddress = \"127.0.0.1:5432\"\nmaxConnections = 10\n");
+        assert_eq!(
+            static_changes(&running, &new),
+            ["entry point `pg` changed: maxConnections"]
+        );
+    }
 }
