@@ -290,7 +290,10 @@ fn sighup_names_static_changes_that_need_a_restart() {
         "{removed}"
     );
     let added = gw.expect("entry point `other`", Duration::from_secs(10));
-    assert!(added.contains("added, no listener is opened for it"), "{added}");
+    assert!(
+        added.contains("added, no listener is opened for it"),
+        "{added}"
+    );
     gw.expect("section `shutdown` changed", Duration::from_secs(10));
 
     // The running listener still proxies.
