@@ -463,5 +463,17 @@ fn check_static(st: &StaticConfig, origins: &BTreeMap<String, Origin>) -> Vec<Co
             "gracePeriod must not be negative".to_owned(),
         );
     }
+    if st.load_balancer.hold_out.is_negative() {
+        err(
+            "loadBalancer.holdOut".to_owned(),
+            "holdOut must not be negative (0s never holds a server out)".to_owned(),
+        );
+    }
+    if st.load_balancer.dial_attempts == 0 {
+        err(
+            "loadBalancer.dialAttempts".to_owned(),
+            "dialAttempts must be at least 1".to_owned(),
+        );
+    }
     errors
 }

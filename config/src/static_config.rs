@@ -34,6 +34,9 @@ pub struct StaticConfig {
     pub access_log: Option<AccessLog>,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
+    /// How every TCP load balancer treats a server whose dial failed (tagway's own section;
+    /// Traefik has no passive health check for TCP).
+    pub load_balancer: LoadBalancing,
 }
 
 /// `entryPoints.<name>`.
@@ -341,6 +344,26 @@ impl Default for Shutdown {
     fn default() -> Self {
         Shutdown {
             grace_period: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `loadBalancer`: the dial retries and the passive hold-out of every TCP load balancer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LoadBalancing {
+    /// How long a server whose dial failed is left out of the rotation; `0s` never holds one
+    /// out. Default 5s.
+    pub hold_out: Duration,
+    /// Dial attempts per connection, each on a different server when there is one. Default 3.
+    pub dial_attempts: u32,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        LoadBalancing {
+            hold_out: Duration::from_secs(5),
+            dial_attempts: 3,
         }
     }
 }

@@ -35,6 +35,8 @@ fn static_defaults() {
     assert_eq!(st.log.format, LogFormat::Text);
     assert_eq!(st.access_log, None);
     assert_eq!(st.shutdown.grace_period, Duration::from_secs(10));
+    assert_eq!(st.load_balancer.hold_out, Duration::from_secs(5));
+    assert_eq!(st.load_balancer.dial_attempts, 3);
 
     // Empty provider sections enable them with their defaults.
     let (st, _d) = static_from(
@@ -129,6 +131,10 @@ format = "json"
 
 [shutdown]
 gracePeriod = "1m"
+
+[loadBalancer]
+holdOut = "250ms"
+dialAttempts = 1
 "#;
     let (st, dir) = static_from(toml, "toml");
     let base = dir.path().to_path_buf();
@@ -201,6 +207,8 @@ gracePeriod = "1m"
     assert_eq!(al.file_path, Some(base.join("access.log")));
     assert_eq!(al.format, LogFormat::Json);
     assert_eq!(st.shutdown.grace_period, Duration::from_secs(60));
+    assert_eq!(st.load_balancer.hold_out, Duration::from_millis(250));
+    assert_eq!(st.load_balancer.dial_attempts, 1);
 }
 
 #[test]
@@ -243,6 +251,14 @@ fn static_errors_name_the_key() {
         (
             "entryPoints:\n  a:\n    address: \":80\"\n    maxConnections: -1\n",
             "entryPoints.a.maxConnections: invalid value: integer `-1`, expected u64",
+        ),
+        (
+            "loadBalancer:\n  holdOut: -1s\n",
+            "loadBalancer.holdOut: holdOut must not be negative (0s never holds a server out)",
+        ),
+        (
+            "loadBalancer:\n  dialAttempts: 0\n",
+            "loadBalancer.dialAttempts: dialAttempts must be at least 1",
         ),
     ] {
         std::fs::write(&p, text).unwrap();

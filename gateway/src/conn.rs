@@ -22,7 +22,9 @@ use crate::proxy_in::{self, ProxyInbound};
 use crate::router::{ConnInfo, Route, TlsMode};
 use crate::runtime::Tables;
 
-/// Data-plane tunables (not in the configuration files; defaults suit most deployments).
+/// Data-plane tunables. `dial_attempts` and `hold_out` come from the static `loadBalancer`
+/// section ([`Gateway::new`](crate::server::Gateway::new)); the others are not in the
+/// configuration files (their defaults suit most deployments).
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Bound on the time to receive a whole ClientHello.

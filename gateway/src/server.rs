@@ -94,16 +94,23 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway for `static_cfg` (entry points, default transport, shutdown grace period).
+    /// A gateway for `static_cfg` (entry points, default transport, shutdown grace period,
+    /// `loadBalancer` hold-out and dial attempts).
     pub fn new(static_cfg: StaticConfig) -> Self {
         let counters = static_cfg
             .entry_points
             .keys()
             .map(|k| (k.clone(), Arc::new(EntryPointCounters::default())))
             .collect();
+        let lb = &static_cfg.load_balancer;
+        let options = Options {
+            hold_out: lb.hold_out.to_std().unwrap_or(Duration::ZERO),
+            dial_attempts: (lb.dial_attempts as usize).max(1),
+            ..Options::default()
+        };
         Gateway {
             static_cfg,
-            options: Arc::new(Options::default()),
+            options: Arc::new(options),
             listeners: Vec::new(),
             tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
             counters: Arc::new(counters),
@@ -128,7 +135,7 @@ impl Gateway {
         self
     }
 
-    /// Replaces the data-plane tunables.
+    /// Replaces the data-plane tunables (including those read from `loadBalancer`).
     pub fn with_options(mut self, options: Options) -> Self {
         self.options = Arc::new(options);
         self

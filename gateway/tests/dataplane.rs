@@ -383,6 +383,63 @@ async fn dial_failure_retries_next_server() {
     assert_eq!(refused, 1);
 }
 
+/// `loadBalancer.holdOut = "0s"`: a server whose dial failed stays in the rotation, so every
+/// turn of the round-robin dials it again (against once with the default hold-out, above).
+#[tokio::test]
+async fn hold_out_zero_keeps_a_failed_server_in_the_rotation() {
+    let a = named_backend("A").await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut st = static_cfg();
+    st.load_balancer.hold_out = tagway_config::Duration::ZERO;
+    let gw = start(st, simple(&[(dead_addr, 1), (a, 1)])).await;
+    for _ in 0..6 {
+        assert_eq!(read_all(gw.addr()).await, "A");
+    }
+    let t = gw.handle.tables();
+    let (_, s) = t
+        .servers()
+        .find(|(k, _)| k.1 == dead_addr.to_string())
+        .unwrap();
+    let refused = s
+        .counters
+        .dial_errors(tagway::dial::DialErrorReason::Refused);
+    assert!(refused >= 3, "dialled {refused} times in 6 connections");
+}
+
+/// `loadBalancer.dialAttempts = 1`: a failed dial is not retried; the connection is closed and
+/// counted as having no server.
+#[tokio::test]
+async fn dial_attempts_one_closes_on_the_first_failure() {
+    let a = named_backend("A").await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut st = static_cfg();
+    st.load_balancer.hold_out = tagway_config::Duration::ZERO;
+    st.load_balancer.dial_attempts = 1;
+    let gw = start(st, simple(&[(dead_addr, 1), (a, 1)])).await;
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(read_all(gw.addr()).await);
+    }
+    let closed = answers.iter().filter(|a| a.is_empty()).count();
+    assert!(
+        closed >= 2 && answers.iter().all(|a| a.is_empty() || a == "A"),
+        "{answers:?}"
+    );
+    let t = gw.handle.tables();
+    assert_eq!(
+        t.services["s"]
+            .service
+            .counters
+            .no_server
+            .load(Ordering::Relaxed),
+        closed as u64
+    );
+}
+
 #[tokio::test]
 async fn no_server_closes_and_counts() {
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();

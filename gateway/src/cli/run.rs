@@ -569,7 +569,7 @@ fn static_changes(running: &StaticConfig, new: &StaticConfig) -> Vec<String> {
             ));
         }
     }
-    let sections: [(&str, bool); 6] = [
+    let sections: [(&str, bool); 7] = [
         (
             "tcpServersTransport",
             running.tcp_servers_transport != new.tcp_servers_transport,
@@ -579,6 +579,7 @@ fn static_changes(running: &StaticConfig, new: &StaticConfig) -> Vec<String> {
         ("log", running.log != new.log),
         ("accessLog", running.access_log != new.access_log),
         ("shutdown", running.shutdown != new.shutdown),
+        ("loadBalancer", running.load_balancer != new.load_balancer),
     ];
     for (section, changed) in sections {
         if changed {
