@@ -342,7 +342,13 @@ async fn health_check_removes_a_dead_backend_and_readds_it() -> anyhow::Result<(
         "{}[tcp.services.s.loadBalancer.healthCheck]\ninterval = \"100ms\"\ntimeout = \"500ms\"\n",
         one_route(&[(a, 1), (b_addr, 1)])
     );
-    let gw = Gateway::start(&["tcp"], "", &cfg)?;
+    // No passive hold-out and no retry: without the health check, every connection that picks
+    // B would be closed unanswered, so "AAAAAA" shows the check took B out of the rotation.
+    let gw = Gateway::start(
+        &["tcp"],
+        "[loadBalancer]\nholdOut = \"0s\"\ndialAttempts = 1\n",
+        &cfg,
+    )?;
     // B is down: after a check or two every connection goes to A.
     let deadline = Instant::now() + WAIT;
     loop {
@@ -382,6 +388,12 @@ async fn health_check_removes_a_dead_backend_and_readds_it() -> anyhow::Result<(
         assert!(Instant::now() < deadline, "B never came back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let log = gw.log_text();
+    assert!(
+        log.contains("health check fails: server out of rotation")
+            && log.contains("health check passes: server back in rotation"),
+        "{log}"
+    );
     Ok(())
 }
 
