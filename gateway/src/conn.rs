@@ -204,10 +204,18 @@ pub async fn serve(
         } else {
             Peeked::Plain
         };
-        if ep.proxy_in.is_some() && !trusted && proxy_in::looks_like_header(&buf) && buf.len() >= 5
+        // A peer the entry point does not trust, whose first bytes (not a ClientHello) may
+        // start a PROXY signature: read on until it is clear, so that a header sent in small
+        // pieces is refused too.
+        if let Some(p) = &ep.proxy_in
+            && !trusted
+            && proxy_in::looks_like_header(&buf)
         {
-            refuse_untrusted_header(&ep, &mut tally, peer);
-            return;
+            let settled = Box::pin(settle_signature(&mut stream, &mut buf, p.timeout)).await;
+            if settled.is_err() || proxy_in::looks_like_header(&buf) {
+                refuse_untrusted_header(&ep, &mut tally, peer);
+                return;
+            }
         }
         let (sni, alpn, is_tls) = match &peeked {
             Peeked::Tls(h) => (h.sni.as_deref(), h.alpn.as_slice(), true),
@@ -352,6 +360,28 @@ pub async fn serve(
     ended(&route, &pick, &outcome);
 }
 
+/// Reads more of an untrusted client's first bytes while `buf` holds only the beginning of a
+/// PROXY signature (`PRO`, part of the v2 signature), until they are a whole signature or
+/// something else, the client stops sending, or `timeout` passes. A caller refuses the
+/// connection when `buf` still looks like a header afterwards.
+async fn settle_signature(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let until = tokio::time::Instant::now() + timeout;
+    let mut chunk = [0u8; 64];
+    while proxy_in::looks_like_header(buf) && !proxy_in::is_header(buf) {
+        match tokio::time::timeout_at(until, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Counts and logs a PROXY header sent by a peer the entry point does not trust (the caller
 /// closes the connection).
 fn refuse_untrusted_header(ep: &EntryPointState, tally: &mut Tally<'_>, peer: SocketAddr) {
@@ -422,15 +452,7 @@ async fn untrusted_first_bytes(
             } => return Ok(First::Ended(relayed, Outcome::TerminationDelay)),
         }
     }
-    // A few bytes that may start a signature: read until it is clear (bounded).
-    let until = tokio::time::Instant::now() + timeout;
-    while proxy_in::looks_like_header(buf) && !proxy_in::is_header(buf) {
-        match tokio::time::timeout_at(until, stream.read(&mut chunk)).await {
-            Ok(Ok(0)) | Err(_) => break,
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Ok(Err(e)) => return Err(e),
-        }
-    }
+    settle_signature(stream, buf, timeout).await?;
     if proxy_in::looks_like_header(buf) {
         Ok(First::Header(relayed))
     } else {

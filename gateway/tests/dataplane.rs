@@ -607,4 +607,26 @@ async fn inbound_proxy_protocol_untrusted_is_refused() {
     let mut s = connect_from("127.0.0.2", gw.addr()).await;
     s.write_all(b"plain").await.unwrap();
     assert_eq!(read_to_end(s).await, "A");
+    // A header sent in pieces, the first shorter than any signature, is refused all the same:
+    // the server-first backend A never answers.
+    for first in [&b"P"[..], b"PRO", b"\r\n\r"] {
+        let mut s = connect_from("127.0.0.2", gw.addr()).await;
+        s.set_nodelay(true).unwrap();
+        s.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let rest: &[u8] = if first.starts_with(b"P") {
+            &b"PROXY TCP4 192.0.2.9 127.0.0.1 5555 80\r\n"[first.len()..]
+        } else {
+            &b"\r\n\r\n\x00\r\nQUIT\n"[first.len()..]
+        };
+        let _ = s.write_all(rest).await;
+        assert_eq!(read_to_end(s).await, "", "first piece {first:?}");
+    }
+    assert_eq!(ep.proxy_protocol_errors.load(Ordering::Relaxed), 4);
+    // Plain data that starts like a signature and then differs is served.
+    let mut s = connect_from("127.0.0.2", gw.addr()).await;
+    s.write_all(b"PR").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"INT").await.unwrap();
+    assert_eq!(read_to_end(s).await, "A");
 }
