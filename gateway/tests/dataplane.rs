@@ -361,24 +361,41 @@ async fn health_check_removes_and_readds_a_backend() {
     assert!(seen.contains('B') && seen.contains('A'), "{seen}");
 }
 
+/// A local address nothing listens on (a dial is refused).
+async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Dials to `server` refused so far.
+fn refused_dials(gw: &Gw, server: SocketAddr) -> u64 {
+    let t = gw.handle.tables();
+    let (_, s) = t
+        .servers()
+        .find(|(k, _)| k.1 == server.to_string())
+        .unwrap();
+    s.counters
+        .dial_errors(tagway::dial::DialErrorReason::Refused)
+}
+
+/// Connections of service `s` closed for want of a server.
+fn no_server(gw: &Gw) -> u64 {
+    gw.handle.tables().services["s"]
+        .service
+        .counters
+        .no_server
+        .load(Ordering::Relaxed)
+}
+
 #[tokio::test]
 async fn dial_failure_retries_next_server() {
     let a = named_backend("A").await;
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let dead_addr = closed_port().await;
     let gw = start(static_cfg(), simple(&[(dead_addr, 5), (a, 1)])).await;
     for _ in 0..5 {
         assert_eq!(read_all(gw.addr()).await, "A");
     }
-    let t = gw.handle.tables();
-    let (_, s) = t
-        .servers()
-        .find(|(k, _)| k.1 == dead_addr.to_string())
-        .unwrap();
-    let refused = s
-        .counters
-        .dial_errors(tagway::dial::DialErrorReason::Refused);
+    let refused = refused_dials(&gw, dead_addr);
     // One failure, then the server is held out.
     assert_eq!(refused, 1);
 }
@@ -388,23 +405,14 @@ async fn dial_failure_retries_next_server() {
 #[tokio::test]
 async fn hold_out_zero_keeps_a_failed_server_in_the_rotation() {
     let a = named_backend("A").await;
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let dead_addr = closed_port().await;
     let mut st = static_cfg();
     st.load_balancer.hold_out = tagway_config::Duration::ZERO;
     let gw = start(st, simple(&[(dead_addr, 1), (a, 1)])).await;
     for _ in 0..6 {
         assert_eq!(read_all(gw.addr()).await, "A");
     }
-    let t = gw.handle.tables();
-    let (_, s) = t
-        .servers()
-        .find(|(k, _)| k.1 == dead_addr.to_string())
-        .unwrap();
-    let refused = s
-        .counters
-        .dial_errors(tagway::dial::DialErrorReason::Refused);
+    let refused = refused_dials(&gw, dead_addr);
     assert!(refused >= 3, "dialled {refused} times in 6 connections");
 }
 
@@ -413,9 +421,7 @@ async fn hold_out_zero_keeps_a_failed_server_in_the_rotation() {
 #[tokio::test]
 async fn dial_attempts_one_closes_on_the_first_failure() {
     let a = named_backend("A").await;
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let dead_addr = closed_port().await;
     let mut st = static_cfg();
     st.load_balancer.hold_out = tagway_config::Duration::ZERO;
     st.load_balancer.dial_attempts = 1;
@@ -429,33 +435,15 @@ async fn dial_attempts_one_closes_on_the_first_failure() {
         closed >= 2 && answers.iter().all(|a| a.is_empty() || a == "A"),
         "{answers:?}"
     );
-    let t = gw.handle.tables();
-    assert_eq!(
-        t.services["s"]
-            .service
-            .counters
-            .no_server
-            .load(Ordering::Relaxed),
-        closed as u64
-    );
+    assert_eq!(no_server(&gw), closed as u64);
 }
 
 #[tokio::test]
 async fn no_server_closes_and_counts() {
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let dead_addr = closed_port().await;
     let gw = start(static_cfg(), simple(&[(dead_addr, 1)])).await;
     assert_eq!(read_all(gw.addr()).await, "");
-    let t = gw.handle.tables();
-    assert_eq!(
-        t.services["s"]
-            .service
-            .counters
-            .no_server
-            .load(Ordering::Relaxed),
-        1
-    );
+    assert_eq!(no_server(&gw), 1);
 }
 
 async fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
