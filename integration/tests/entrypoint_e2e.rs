@@ -3,21 +3,23 @@
 //! kept across a reload (file change + SIGHUP), and the `shutdown.gracePeriod` drain on SIGTERM
 //! and SIGINT.
 //!
-//! The binary is started here rather than with [`Gateway`](tagway_integration::e2e::Gateway):
+//! The binary is started with [`spawn_tagway`](tagway_integration::e2e::spawn_tagway) rather than
+//! with [`Gateway`](tagway_integration::e2e::Gateway):
 //! these tests need keys inside the entry point's table (`maxConnections`), the admin listener,
 //! the process id (`/proc/PID/fd`, `prlimit(2)`) and raw signals. Every port is chosen by the
 //! kernel (`127.0.0.1:0`, read back from the `listening` log line), every wait is bounded and the
 //! child is killed (by its own handle) when dropped.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use tagway_integration::e2e::{echo_backend, named_backend, router_toml, service_toml, tagway_bin};
+use tagway_integration::e2e::{
+    echo_backend, named_backend, router_toml, service_toml, spawn_tagway,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
@@ -72,27 +74,11 @@ impl Tagway {
         st.push_str(opts.extra);
         std::fs::write(dir.path().join("static.toml"), st)?;
         std::fs::write(dir.path().join("dynamic.toml"), dynamic)?;
-        let mut child = Command::new(tagway_bin()?)
-            .args(["run", "--config"])
-            .arg(dir.path().join("static.toml"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            // Two worker threads sharing one listening socket, whatever the machine.
-            .env("TOKIO_WORKER_THREADS", "2")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting tagway")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        if let Some(err) = child.stderr.take() {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-                }
-            });
-        }
+        // Two worker threads sharing one listening socket, whatever the machine.
+        let (child, log) = spawn_tagway(
+            &dir.path().join("static.toml"),
+            &[("NO_COLOR", "1"), ("TOKIO_WORKER_THREADS", "2")],
+        )?;
         let mut gw = Tagway {
             child,
             dir,

@@ -48,6 +48,34 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Starts `tagway run --config <config>` with `RUST_LOG=info` and `envs`, stdin and stdout
+/// closed; every line it writes to stderr is collected into the returned log.
+pub fn spawn_tagway(
+    config: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
+    let mut child = Command::new(tagway_bin()?)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tagway")?;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    if let Some(err) = child.stderr.take() {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+    }
+    Ok((child, log))
+}
+
 /// A running `tagway run --config …` process.
 pub struct Gateway {
     child: Child,
@@ -73,23 +101,7 @@ impl Gateway {
         st.push_str(static_extra);
         std::fs::write(dir.path().join("static.toml"), st)?;
         std::fs::write(dir.path().join("dynamic.toml"), dynamic)?;
-        let mut child = Command::new(tagway_bin()?)
-            .args(["run", "--config"])
-            .arg(dir.path().join("static.toml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting tagway")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        if let Some(err) = child.stderr.take() {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-                }
-            });
-        }
+        let (child, log) = spawn_tagway(&dir.path().join("static.toml"), &[])?;
         let gw = Gateway {
             child,
             dir,
