@@ -287,11 +287,35 @@ pub fn bind(
     })
 }
 
-/// True for accept errors that mean "out of descriptors or memory": back off before retrying.
+/// True for accept errors that mean "out of descriptors or memory".
 fn is_resource_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// True for accept errors that concern only the connection being accepted (it was reset
+/// before accept, or a firewall or the network refused it; accept(2) says to retry at once).
+/// Other errors may repeat on every call: the loop backs off on them instead of spinning.
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    ) || matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
     )
 }
 
@@ -351,17 +375,22 @@ pub async fn accept_loop<F, Fut>(
                     Ok(c) => break c,
                     Err(e) => {
                         EntryPointCounters::inc(&counters.accept_errors);
+                        if is_per_connection_error(&e) {
+                            tracing::debug!(entry_point = %name, error = %e, "accept failed");
+                            continue;
+                        }
                         if is_resource_error(&e) {
                             tracing::warn!(entry_point = %name, error = %e, backoff = ?backoff,
                                 "accept failed: out of resources, backing off");
-                            tokio::select! {
-                                _ = &mut stopped => break 'accept,
-                                () = tokio::time::sleep(backoff) => {}
-                            }
-                            backoff = (backoff * 2).min(Duration::from_secs(1));
                         } else {
-                            tracing::debug!(entry_point = %name, error = %e, "accept failed");
+                            tracing::warn!(entry_point = %name, error = %e, backoff = ?backoff,
+                                "accept failed, backing off");
                         }
+                        tokio::select! {
+                            _ = &mut stopped => break 'accept,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 },
             }
@@ -439,6 +468,24 @@ impl Open {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_errors_per_connection_or_backing_off() {
+        let os = io::Error::from_raw_os_error;
+        for per_connection in [libc::ECONNABORTED, libc::EPROTO, libc::EPERM, libc::EINTR] {
+            assert!(
+                is_per_connection_error(&os(per_connection)),
+                "{per_connection}"
+            );
+        }
+        for back_off in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(!is_per_connection_error(&os(back_off)));
+            assert!(is_resource_error(&os(back_off)));
+        }
+        // An unexpected error (it may come on every call) backs off too.
+        assert!(!is_per_connection_error(&os(libc::EINVAL)));
+        assert!(!is_resource_error(&os(libc::EINVAL)));
+    }
 
     /// The socket behind a descriptor (its inode).
     fn socket_id(l: &std::net::TcpListener) -> u64 {
