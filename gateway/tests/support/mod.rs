@@ -197,8 +197,8 @@ pub fn tls_client(ca_pem: &str) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
-/// A TLS backend (for passthrough) that answers `name` to each connection.
-pub async fn tls_backend(name: &str, cert_pem: &str, key_pem: &str) -> SocketAddr {
+/// A rustls server (ring, no client authentication) presenting the PEM chain `cert_pem`.
+pub fn tls_acceptor(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -212,7 +212,12 @@ pub async fn tls_backend(name: &str, cert_pem: &str, key_pem: &str) -> SocketAdd
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
+/// A TLS backend (for passthrough) that answers `name` to each connection.
+pub async fn tls_backend(name: &str, cert_pem: &str, key_pem: &str) -> SocketAddr {
+    let acceptor = tls_acceptor(cert_pem, key_pem);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let name = name.to_owned();

@@ -139,6 +139,11 @@ impl Gateway {
         self.addrs[entry_point]
     }
 
+    /// The process id of the running binary (for `/proc/PID/…`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The temporary folder holding the configuration (certificates can be written there).
     pub fn dir(&self) -> &Path {
         self.dir.path()
