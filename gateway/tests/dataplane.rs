@@ -144,9 +144,14 @@ fn sni_config(one: SocketAddr, two: SocketAddr, passthrough: bool) -> Dynamic {
 }
 
 async fn tls_read(addr: SocketAddr, ca: &str, name: &str) -> String {
+    tls_read_alpn(addr, ca, name, &[]).await
+}
+
+/// [`tls_read`] with a client offering the ALPN protocols `alpn`.
+async fn tls_read_alpn(addr: SocketAddr, ca: &str, name: &str, alpn: &[&[u8]]) -> String {
     let c = TcpStream::connect(addr).await.unwrap();
     let sn = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let mut t = tls_client(ca).connect(sn, c).await.unwrap();
+    let mut t = tls_client_alpn(ca, alpn).connect(sn, c).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
@@ -165,6 +170,34 @@ async fn sni_routing_with_passthrough() {
     assert_eq!(read_all_after_write(gw.addr(), b"hello").await, "");
     let ep = gw.handle.entry_point("tcp").unwrap();
     assert_eq!(ep.unrouted.load(Ordering::Relaxed), 1);
+}
+
+/// ``ALPN(`h2`)`` routes on the protocols the ClientHello offers; the longer rule wins.
+#[tokio::test]
+async fn alpn_routing_with_passthrough() {
+    let (c1, k1) = cert(&["one.example"]);
+    let one = tls_backend("ONE", &c1, &k1).await;
+    let h2 = tls_backend("H2", &c1, &k1).await;
+    let mut d = sni_config(one, one, true);
+    d.tcp.services.insert("h2".into(), lb(&[(h2, 1)]));
+    d.tcp.routers.insert(
+        "h2".into(),
+        router("HostSNI(`one.example`) && ALPN(`h2`)", "h2", Some(true)),
+    );
+    let gw = start(static_cfg(), d).await;
+    assert_eq!(
+        tls_read_alpn(gw.addr(), &c1, "one.example", &[b"h2"]).await,
+        "H2"
+    );
+    assert_eq!(
+        tls_read_alpn(gw.addr(), &c1, "one.example", &[b"http/1.1", b"h2"]).await,
+        "H2"
+    );
+    assert_eq!(
+        tls_read_alpn(gw.addr(), &c1, "one.example", &[b"http/1.1"]).await,
+        "ONE"
+    );
+    assert_eq!(tls_read(gw.addr(), &c1, "one.example").await, "ONE");
 }
 
 async fn read_all_after_write(addr: SocketAddr, data: &[u8]) -> String {

@@ -182,6 +182,11 @@ pub fn cert(names: &[&str]) -> (String, String) {
 
 /// A rustls client trusting `ca_pem`.
 pub fn tls_client(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    tls_client_alpn(ca_pem, &[])
+}
+
+/// A rustls client trusting `ca_pem` that offers the ALPN protocols `alpn`.
+pub fn tls_client_alpn(ca_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -189,11 +194,12 @@ pub fn tls_client(ca_pem: &str) -> tokio_rustls::TlsConnector {
         roots.add(c.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
