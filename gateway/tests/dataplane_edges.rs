@@ -619,3 +619,45 @@ servers = [{{ address = "{server}" }}]
         "default: {seen:?}"
     );
 }
+
+/// A `weighted` service of two load balancers (and one of weight 0): sequential connections
+/// follow the smooth weighted round-robin exactly, through real sockets.
+#[tokio::test]
+async fn nested_weighted_services_split_three_to_one() {
+    let a = named_backend("A").await;
+    let b = named_backend("B").await;
+    let z = named_backend("Z").await;
+    let d = dynamic(&format!(
+        r#"
+[tcp.routers.r]
+rule = "HostSNI(`*`)"
+service = "w"
+
+[[tcp.services.w.weighted.services]]
+name = "a"
+weight = 3
+[[tcp.services.w.weighted.services]]
+name = "b"
+weight = 1
+[[tcp.services.w.weighted.services]]
+name = "z"
+weight = 0
+
+[[tcp.services.a.loadBalancer.servers]]
+address = "{a}"
+[[tcp.services.b.loadBalancer.servers]]
+address = "{b}"
+[[tcp.services.z.loadBalancer.servers]]
+address = "{z}"
+"#
+    ));
+    let gw = start(static_cfg(), d).await;
+    let mut seen = String::new();
+    for _ in 0..16 {
+        seen.push_str(&read_all(gw.addr()).await);
+    }
+    assert_eq!(seen.matches('A').count(), 12, "{seen}");
+    assert_eq!(seen.matches('B').count(), 4, "{seen}");
+    // Smooth: never more than three A in a row.
+    assert!(!seen.contains("AAAA"), "{seen}");
+}
