@@ -143,6 +143,7 @@ impl Drop for HealthChecks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tagway_config::ServersTransport;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -188,6 +189,74 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("expected"), "{e}");
+    }
+
+    /// A server that counts the checks it gets and answers each with `answer` (None: never).
+    async fn counting_server(answer: Option<&'static [u8]>) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let checks = Arc::new(AtomicUsize::new(0));
+        let n = checks.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut b = [0u8; 4];
+                    let _ = s.read_exact(&mut b).await;
+                    match answer {
+                        Some(a) => drop(s.write_all(a).await),
+                        None => std::future::pending().await,
+                    }
+                });
+            }
+        });
+        (addr, checks)
+    }
+
+    /// Healthy servers are checked every `interval`, unhealthy ones every `unhealthyInterval`,
+    /// and each server has its own loop: a check that hangs until its timeout does not delay
+    /// the others.
+    #[tokio::test]
+    async fn intervals_and_concurrent_checks() {
+        let (good, good_n) = counting_server(Some(b"PONG")).await;
+        let (bad, bad_n) = counting_server(Some(b"NOPE")).await;
+        let (hung, hung_n) = counting_server(None).await;
+        let servers: Vec<_> = [&good, &bad, &hung]
+            .into_iter()
+            .map(|a| Arc::new(ServerState::new(a.clone(), 1, false)))
+            .collect();
+        let mut hc = HealthChecks::default();
+        let spec = CheckSpec {
+            interval: Duration::from_millis(300),
+            unhealthy_interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(2),
+            ..spec(Some("PING"), Some("PONG"))
+        };
+        let start = std::time::Instant::now();
+        hc.spawn("svc", spec, transport(), &servers);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let elapsed = start.elapsed().as_millis() as usize;
+        let (g, b, h) = (
+            good_n.load(Ordering::SeqCst),
+            bad_n.load(Ordering::SeqCst),
+            hung_n.load(Ordering::SeqCst),
+        );
+        assert!(servers[0].is_healthy() && !servers[1].is_healthy());
+        // One check per timeout at most for the hung server (2 s), one per interval (300 ms)
+        // for the healthy one, many more for the unhealthy one (20 ms), all at the same time.
+        assert!(
+            h <= 1 + elapsed / 2000,
+            "hung server checked {h} times in {elapsed} ms"
+        );
+        assert!(
+            (2..=2 + elapsed / 300).contains(&g),
+            "healthy server checked {g} times in {elapsed} ms"
+        );
+        assert!(
+            b >= 10 && b >= 3 * g,
+            "unhealthy server checked {b} times, healthy {g}, in {elapsed} ms"
+        );
+        drop(hc);
     }
 
     #[tokio::test]
