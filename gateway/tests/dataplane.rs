@@ -394,12 +394,6 @@ async fn health_check_removes_and_readds_a_backend() {
     assert!(seen.contains('B') && seen.contains('A'), "{seen}");
 }
 
-/// A local address nothing listens on (a dial is refused).
-async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
-
 /// Dials to `server` refused so far.
 fn refused_dials(gw: &Gw, server: SocketAddr) -> u64 {
     let t = gw.handle.tables();

@@ -14,7 +14,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls_pki_types::ServerName;
 use support::*;
 use tagway::observability::counters::Failure;
-use tagway_config::{Dynamic, EntryPoint, Format, StaticConfig};
+use tagway_config::{Dynamic, Format};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -31,21 +31,6 @@ fn dynamic(toml: &str) -> Dynamic {
 /// TOML multi-line string holding a PEM.
 fn toml_pem(pem: &str) -> String {
     format!("\"\"\"\n{pem}\"\"\"")
-}
-
-/// A static configuration with the entry points `names`, each on 127.0.0.1:0.
-fn static_with(names: &[&str]) -> StaticConfig {
-    let mut st = StaticConfig::default();
-    for n in names {
-        st.entry_points.insert(
-            (*n).to_owned(),
-            EntryPoint {
-                address: "127.0.0.1:0".into(),
-                ..Default::default()
-            },
-        );
-    }
-    st
 }
 
 /// Reads until EOF (a reset counts as the end), bounded by [`WAIT`].

@@ -45,7 +45,7 @@ async fn wait_bytes(admin: std::net::SocketAddr, to_backend: f64, to_client: f64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_of_an_open_connection_show_before_it_closes() {
-    let st = static_cfg(&["tcp"]);
+    let st = static_with(&["tcp"]);
     let obs = Observability::new(&st).unwrap();
     let echo = echo_backend().await;
     let gw = start_with(st, obs.clone(), None, Some(one_route(echo))).await;
@@ -118,7 +118,7 @@ async fn bytes_of_an_open_connection_show_before_it_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_turns_503_while_draining() {
-    let mut st = static_cfg(&["tcp"]);
+    let mut st = static_with(&["tcp"]);
     st.shutdown.grace_period = tagway_config::Duration::from_millis(10_000);
     let obs = Observability::new(&st).unwrap();
     let echo = echo_backend().await;

@@ -91,7 +91,7 @@ async fn lines(path: &Path, n: usize) -> Vec<String> {
 async fn json_lines_per_connection() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.json");
-    let mut st = static_cfg(&["tcp", "tls", "empty"]);
+    let mut st = static_with(&["tcp", "tls", "empty"]);
     st.access_log = Some(AccessLog {
         file_path: Some(path.clone()),
         format: LogFormat::Json,
@@ -176,7 +176,7 @@ async fn json_lines_per_connection() {
 async fn text_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
-    let mut st = static_cfg(&["tcp"]);
+    let mut st = static_with(&["tcp"]);
     st.access_log = Some(AccessLog {
         file_path: Some(path.clone()),
         format: LogFormat::Text,
@@ -214,7 +214,7 @@ async fn text_line() {
 
 #[test]
 fn unwritable_access_log_is_named() {
-    let mut st = static_cfg(&["tcp"]);
+    let mut st = static_with(&["tcp"]);
     st.access_log = Some(AccessLog {
         file_path: Some("/nonexistent-dir/access.log".into()),
         format: LogFormat::Text,

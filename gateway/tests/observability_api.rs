@@ -152,7 +152,7 @@ fn by_name<'a>(list: &'a Value, name: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint() {
-    let mut st = static_cfg(&["tcp", "tls"]);
+    let mut st = static_with(&["tcp", "tls"]);
     let mut consul = ConsulCatalog::default();
     consul.endpoint.token = Some(TOKEN.into());
     consul.endpoint.http_auth = Some(HttpAuth {
@@ -511,7 +511,7 @@ fn redaction_at_any_depth() {
 
 #[tokio::test]
 async fn admin_listener_only_when_configured() {
-    let st = std::sync::Arc::new(static_cfg(&["tcp"]));
+    let st = std::sync::Arc::new(static_with(&["tcp"]));
     let obs = Observability::new(&st).unwrap();
     let gw = tagway::server::Gateway::new((*st).clone());
     let none = tagway::admin::spawn_if_configured(

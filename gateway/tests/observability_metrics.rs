@@ -89,7 +89,7 @@ async fn config() -> (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_traffic_gives_exact_metrics() {
-    let st = static_cfg(EPS);
+    let st = static_with(EPS);
     let obs = Observability::new(&st).unwrap();
     obs.expect_provider("file");
     let (d, e1, e2, dead) = config().await;
@@ -412,7 +412,7 @@ async fn known_traffic_gives_exact_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_survive_a_reload_and_removed_resources_disappear() {
-    let st = static_cfg(&["tcp"]);
+    let st = static_with(&["tcp"]);
     let obs = Observability::new(&st).unwrap();
     let e1 = echo_backend().await;
     let mut d = Dynamic::default();

@@ -2,6 +2,12 @@
 //! 127.0.0.1:0, backends, a minimal HTTP/1.0 client and a Prometheus scrape reader.
 #![allow(dead_code)]
 
+// The plain helpers (static configuration, backends, services) are the data-plane tests' own.
+#[path = "../support/mod.rs"]
+mod base;
+#[allow(unused_imports)] // each test crate uses some of them
+pub use base::{closed_port, echo_backend, lb, static_with};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,9 +16,9 @@ use std::time::Duration;
 use tagway::admin::{self, AdminState};
 use tagway::observability::Observability;
 use tagway::server::{Gateway, GatewayHandle};
-use tagway_config::{Dynamic, EntryPoint, LoadBalancer, Router, Server, Service, StaticConfig};
+use tagway_config::{Dynamic, Router, StaticConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 
 /// A running gateway with its admin API.
@@ -59,21 +65,6 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("condition not met within 5 s");
-}
-
-/// A static configuration with the given entry points on 127.0.0.1:0.
-pub fn static_cfg(entry_points: &[&str]) -> StaticConfig {
-    let mut s = StaticConfig::default();
-    for ep in entry_points {
-        s.entry_points.insert(
-            (*ep).into(),
-            EntryPoint {
-                address: "127.0.0.1:0".into(),
-                ..Default::default()
-            },
-        );
-    }
-    s
 }
 
 /// Starts a gateway with observability (`obs`) and an admin listener; the first configuration
@@ -134,23 +125,6 @@ pub async fn start_with(
     }
 }
 
-pub fn lb(servers: &[(SocketAddr, i64)]) -> Service {
-    Service {
-        load_balancer: Some(LoadBalancer {
-            servers: servers
-                .iter()
-                .map(|(a, w)| Server {
-                    address: a.to_string(),
-                    weight: Some(*w),
-                    tls: false,
-                })
-                .collect(),
-            ..Default::default()
-        }),
-        weighted: None,
-    }
-}
-
 pub fn router(ep: &str, rule: &str, service: &str) -> Router {
     Router {
         entry_points: vec![ep.into()],
@@ -158,30 +132,6 @@ pub fn router(ep: &str, rule: &str, service: &str) -> Router {
         service: service.into(),
         ..Default::default()
     }
-}
-
-/// A backend that echoes what it reads, chunk by chunk, until EOF, then closes.
-pub async fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// An address nothing listens on (bound, then released).
-pub async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    drop(l);
-    a
 }
 
 /// Sends `payload`, half-closes, reads the answer to EOF (bounded).

@@ -48,15 +48,28 @@ impl Gw {
 
 /// A static configuration with one entry point `tcp` on 127.0.0.1:0.
 pub fn static_cfg() -> StaticConfig {
+    static_with(&["tcp"])
+}
+
+/// A static configuration with the entry points `names`, each on 127.0.0.1:0.
+pub fn static_with(names: &[&str]) -> StaticConfig {
     let mut s = StaticConfig::default();
-    s.entry_points.insert(
-        "tcp".into(),
-        EntryPoint {
-            address: "127.0.0.1:0".into(),
-            ..Default::default()
-        },
-    );
+    for n in names {
+        s.entry_points.insert(
+            (*n).into(),
+            EntryPoint {
+                address: "127.0.0.1:0".into(),
+                ..Default::default()
+            },
+        );
+    }
     s
+}
+
+/// A local address nothing listens on (bound, then released): a dial is refused.
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
 }
 
 pub async fn start(st: StaticConfig, d: Dynamic) -> Gw {
