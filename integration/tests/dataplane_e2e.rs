@@ -533,25 +533,6 @@ async fn in_flight_conn_counts_survive_a_reload() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One HTTP/1.0 GET against the admin listener: (status, body).
-async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect(admin).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut raw)).await??;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no HTTP head: {text}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no status: {head}"))?;
-    Ok((status, body.to_owned()))
-}
-
 #[tokio::test]
 async fn ready_is_503_while_draining_after_sigterm() -> anyhow::Result<()> {
     let echo = echo_backend().await?;

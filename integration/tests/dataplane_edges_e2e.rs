@@ -63,44 +63,9 @@ async fn settled_fds(pid: u32) -> anyhow::Result<Fds> {
     Ok(last)
 }
 
-/// One HTTP/1.0 GET of the admin listener's `/metrics`.
-async fn metrics(admin: SocketAddr) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
-        .await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut raw)).await??;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no HTTP head: {text}"))?;
-    ensure!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    Ok(body.to_owned())
-}
-
-/// The samples of `metric` (exact name) whose labels contain every one of `labels`.
-fn samples(text: &str, metric: &str, labels: &[&str]) -> Vec<(String, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let rest = series.strip_prefix(metric)?;
-            if !(rest.is_empty() || rest.starts_with('{')) {
-                return None;
-            }
-            if !labels.iter().all(|want| rest.contains(want)) {
-                return None;
-            }
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
-    samples(text, metric, labels).iter().map(|s| s.1).sum()
+/// The sum of the samples of `metric` with every label of `labels`.
+fn sum(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_values(scrape, metric, labels).iter().sum()
 }
 
 /// A server that streams 64 KiB chunks to every connection until a write fails (or 10 s pass);
@@ -255,7 +220,7 @@ async fn abrupt_ends_release_every_fd_and_gauge() -> anyhow::Result<()> {
     // Idle: after one normal connection and one scrape, once the count is stable.
     assert_eq!(echo_once(gw.addr("tcp"), b"warm").await?, b"warm");
     let deadline = Instant::now() + WAIT;
-    while metrics(admin).await.is_err() {
+    while scrape(admin).await.is_err() {
         ensure!(Instant::now() < deadline, "no /metrics:\n{}", gw.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -365,22 +330,23 @@ async fn abrupt_ends_release_every_fd_and_gauge() -> anyhow::Result<()> {
 
     // The open-connection gauges are back to 0, and every connection was really proxied (or,
     // for the stalled dials, failed its dial) rather than refused early.
-    let text = metrics(admin).await?;
+    let m = scrape(admin).await?;
+    let text = format!("{:?}", m.samples);
     for metric in [
         "tagway_entrypoint_open_connections",
         "tagway_router_open_connections",
         "tagway_service_open_connections",
         "tagway_server_open_connections",
     ] {
-        let s = samples(&text, metric, &[]);
+        let s = metric_values(&m, metric, &[]);
         ensure!(!s.is_empty(), "no {metric} in:\n{text}");
-        ensure!(s.iter().all(|(_, v)| *v == 0.0), "{metric}: {s:?}");
+        ensure!(s.iter().all(|v| *v == 0.0), "{metric}: {s:?}");
     }
     let accepted = |ep: &str| {
         sum(
-            &text,
+            &m,
             "tagway_entrypoint_connections_total",
-            &[&format!("entrypoint=\"{ep}\"")],
+            &[("entrypoint", ep)],
         )
     };
     assert_eq!(accepted("stream"), CLIENT_RESETS as f64, "{text}");
@@ -388,27 +354,27 @@ async fn abrupt_ends_release_every_fd_and_gauge() -> anyhow::Result<()> {
     assert_eq!(accepted("stall"), DIAL_RESETS as f64, "{text}");
     let proxied = |svc: &str| {
         sum(
-            &text,
+            &m,
             "tagway_service_connections_total",
-            &[&format!("service=\"{svc}@file\"")],
+            &[("service", &format!("{svc}@file"))],
         )
     };
     assert_eq!(proxied("stream"), CLIENT_RESETS as f64, "{text}");
     assert_eq!(proxied("rst"), SERVER_RESETS as f64, "{text}");
     assert_eq!(
         sum(
-            &text,
+            &m,
             "tagway_routing_failures_total",
-            &["entrypoint=\"stall\"", "reason=\"dial_failed\""]
+            &[("entrypoint", "stall"), ("reason", "dial_failed")]
         ),
         DIAL_RESETS as f64,
         "{text}"
     );
     assert_eq!(
         sum(
-            &text,
+            &m,
             "tagway_server_dial_errors_total",
-            &["service=\"stall@file\""]
+            &[("service", "stall@file")]
         ),
         DIAL_RESETS as f64,
         "{text}"

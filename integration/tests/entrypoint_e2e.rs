@@ -13,12 +13,12 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::Child;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use tagway_integration::e2e::{
-    echo_backend, named_backend, router_toml, service_toml, spawn_tagway,
+    LogLines, echo_backend, metric_values, named_backend, router_toml, scrape, service_toml,
+    spawn_tagway,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -48,7 +48,7 @@ struct Opts<'a> {
 struct Tagway {
     child: Child,
     dir: tempfile::TempDir,
-    log: Arc<Mutex<Vec<String>>>,
+    log: LogLines,
     addr: SocketAddr,
     admin: Option<SocketAddr>,
 }
@@ -105,34 +105,21 @@ impl Tagway {
     }
 
     fn log_text(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
+        self.log.text()
     }
 
     fn log_count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.log.count(needle)
     }
 
     /// Waits for a log line containing `prefix`; returns the word that follows it.
     async fn wait_field(&mut self, prefix: &str) -> anyhow::Result<String> {
         let deadline = Instant::now() + WAIT;
         loop {
-            let found = self
-                .log
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .find_map(|l| {
-                    let rest = &l[l.find(prefix)? + prefix.len()..];
-                    rest.split_whitespace().next().map(str::to_owned)
-                });
+            let found = self.log.find_map(|l| {
+                let rest = &l[l.find(prefix)? + prefix.len()..];
+                rest.split_whitespace().next().map(str::to_owned)
+            });
             if let Some(f) = found {
                 return Ok(f);
             }
@@ -186,28 +173,14 @@ impl Tagway {
         }
     }
 
-    /// A sample of `/metrics` with the label `entrypoint="tcp"`.
+    /// The sample of `name` with the label `entrypoint="tcp"` in `/metrics`.
     async fn metric(&self, name: &str) -> anyhow::Result<f64> {
         let admin = self.admin.context("no admin listener")?;
-        let mut s = timeout(WAIT, TcpStream::connect(admin)).await??;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
-            .await?;
-        let mut raw = Vec::new();
-        timeout(WAIT, s.read_to_end(&mut raw)).await??;
-        let text = String::from_utf8(raw)?;
-        let (_, body) = text.split_once("\r\n\r\n").context("HTTP head")?;
-        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?;
-        scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == name && s.labels.get("entrypoint") == Some("tcp"))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => f64::NAN,
-            })
-            .with_context(|| format!("{name}{{entrypoint=\"tcp\"}} missing in:\n{body}"))
+        let m = scrape(admin).await?;
+        metric_values(&m, name, &[("entrypoint", "tcp")])
+            .first()
+            .copied()
+            .with_context(|| format!("{name}{{entrypoint=\"tcp\"}} missing in {:?}", m.samples))
     }
 }
 

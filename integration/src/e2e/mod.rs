@@ -48,12 +48,37 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The lines a running tagway wrote to stderr, collected as they come.
+#[derive(Clone, Debug, Default)]
+pub struct LogLines(Arc<Mutex<Vec<String>>>);
+
+impl LogLines {
+    fn lines(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// Number of lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// The first line for which `f` gives a value.
+    pub fn find_map<T>(&self, f: impl FnMut(&String) -> Option<T>) -> Option<T> {
+        self.lines().iter().find_map(f)
+    }
+}
+
 /// Starts `tagway run --config <config>` with `RUST_LOG=info` and `envs`, stdin and stdout
 /// closed; every line it writes to stderr is collected into the returned log.
 pub fn spawn_tagway(
     config: &std::path::Path,
     envs: &[(&str, &str)],
-) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
+) -> anyhow::Result<(Child, LogLines)> {
     let mut child = Command::new(tagway_bin()?)
         .args(["run", "--config"])
         .arg(config)
@@ -64,16 +89,64 @@ pub fn spawn_tagway(
         .stderr(Stdio::piped())
         .spawn()
         .context("starting tagway")?;
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let log = LogLines::default();
     if let Some(err) = child.stderr.take() {
         let log = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                log.lines().push(line);
             }
         });
     }
     Ok((child, log))
+}
+
+/// One HTTP/1.0 GET against the admin listener: (status, body).
+pub async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = tokio::time::timeout(WAIT, TcpStream::connect(admin)).await??;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no HTTP head: {text}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status: {head}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// The admin listener's `/metrics`, parsed (an error unless it answers 200).
+pub async fn scrape(admin: SocketAddr) -> anyhow::Result<prometheus_parse::Scrape> {
+    let (status, body) = admin_get(admin, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}: {body}");
+    Ok(prometheus_parse::Scrape::parse(
+        body.lines().map(|l| Ok(l.to_owned())),
+    )?)
+}
+
+/// The values of the samples of `metric` whose labels include every `(name, value)` of
+/// `labels` (counters, gauges and untyped samples).
+pub fn metric_values(
+    scrape: &prometheus_parse::Scrape,
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> Vec<f64> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .filter_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A running `tagway run --config …` process.
@@ -81,7 +154,7 @@ pub struct Gateway {
     child: Child,
     dir: tempfile::TempDir,
     addrs: HashMap<String, SocketAddr>,
-    log: Arc<Mutex<Vec<String>>>,
+    log: LogLines,
 }
 
 impl Gateway {
@@ -122,11 +195,8 @@ impl Gateway {
         while Instant::now() < deadline {
             let seen = self
                 .log
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .any(|l| l.contains("listening") && l.contains(&addr));
-            if seen {
+                .find_map(|l| (l.contains("listening") && l.contains(&addr)).then_some(()));
+            if seen.is_some() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -151,20 +221,12 @@ impl Gateway {
 
     /// Everything tagway logged so far.
     pub fn log_text(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
+        self.log.text()
     }
 
     /// Number of log lines containing `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.log.count(needle)
     }
 
     /// Rewrites the dynamic file and waits (bounded) until tagway applied a new configuration.
