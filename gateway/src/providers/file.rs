@@ -262,22 +262,46 @@ fn watched_path(cfg: &FileProvider) -> Option<(PathBuf, RecursiveMode)> {
     }
 }
 
+/// With `filename`, the one name in the watched folder whose events matter (as Traefik, which
+/// compares the event's file name): writes to other files there (logs, other templates of a
+/// Nomad task's `local/`) do not reload. `None` (every event counts) for `directory`, and when
+/// the file is a symbolic link, which is updated by replacing a sibling (a Kubernetes-style
+/// `..data` link) rather than the file itself.
+fn watched_name(cfg: &FileProvider) -> Option<std::ffi::OsString> {
+    let f = cfg.filename.as_ref()?;
+    if std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()) {
+        return None;
+    }
+    f.file_name().map(ToOwned::to_owned)
+}
+
+/// Whether a watcher event may change the configuration: not a mere read (an open, or a close
+/// without writing), and about `only` when set. An event naming no path (the watcher lost
+/// events and asks for a rescan) always counts.
+fn relevant(ev: &notify::Event, only: Option<&std::ffi::OsStr>) -> bool {
+    let kind = match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    };
+    kind && match only {
+        Some(name) if !ev.paths.is_empty() => ev.paths.iter().any(|p| p.file_name() == Some(name)),
+        _ => true,
+    }
+}
+
 fn make_watcher(
     cfg: &FileProvider,
     mode: WatchMode,
     tx: mpsc::UnboundedSender<()>,
 ) -> Option<Box<dyn Watcher + Send>> {
     let (path, recursive) = watched_path(cfg)?;
+    let only = watched_name(cfg);
     let handler = move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            let relevant = match ev.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                EventKind::Access(_) => false,
-                _ => true,
-            };
-            if relevant {
-                let _ = tx.send(());
-            }
+        if let Ok(ev) = res
+            && relevant(&ev, only.as_deref())
+        {
+            let _ = tx.send(());
         }
     };
     let poll = |handler, interval| -> Option<Box<dyn Watcher + Send>> {
@@ -539,6 +563,114 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn polling_edits_become_configurations() {
         edits_become_configurations(WatchMode::Poll(Duration::from_millis(100))).await;
+    }
+
+    #[test]
+    fn relevant_events_name_the_file() {
+        use notify::event::{CreateKind, ModifyKind, RenameMode};
+        let ev = |kind, paths: &[&str]| notify::Event {
+            kind,
+            paths: paths.iter().map(PathBuf::from).collect(),
+            attrs: Default::default(),
+        };
+        let name = Some(std::ffi::OsStr::new("dyn.toml"));
+        let write = EventKind::Modify(ModifyKind::Any);
+        assert!(relevant(&ev(write, &["/etc/gw/dyn.toml"]), name));
+        assert!(!relevant(&ev(write, &["/etc/gw/access.log"]), name));
+        assert!(relevant(&ev(write, &["/etc/gw/access.log"]), None));
+        // An editor or a Nomad template writes a temporary file and renames it over the file.
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        assert!(relevant(
+            &ev(rename, &["/etc/gw/.dyn.toml.tmp", "/etc/gw/dyn.toml"]),
+            name
+        ));
+        assert!(!relevant(
+            &ev(
+                EventKind::Create(CreateKind::File),
+                &["/etc/gw/.dyn.toml.tmp"]
+            ),
+            name
+        ));
+        // Reads do not count; a close after writing does.
+        let read = EventKind::Access(AccessKind::Open(notify::event::AccessMode::Any));
+        assert!(!relevant(&ev(read, &["/etc/gw/dyn.toml"]), name));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(relevant(&ev(closed, &["/etc/gw/dyn.toml"]), name));
+        // Lost events (a rescan, no path) always count.
+        assert!(relevant(&ev(EventKind::Other, &[]), name));
+    }
+
+    #[test]
+    fn a_symlinked_file_is_watched_through_its_whole_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("real.toml"), ROUTER).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real.toml"), dir.path().join("dyn.toml"))
+            .unwrap();
+        let cfg = |name: &str| FileProvider {
+            filename: Some(dir.path().join(name)),
+            directory: None,
+            watch: true,
+        };
+        assert_eq!(watched_name(&cfg("dyn.toml")), None);
+        assert_eq!(
+            watched_name(&cfg("real.toml")).as_deref(),
+            Some(std::ffi::OsStr::new("real.toml"))
+        );
+        assert_eq!(watched_name(&dir_provider(dir.path())), None);
+    }
+
+    /// Writes to other files of the folder do not reload the file; replacing the file does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_files_own_events_reload_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dyn.toml");
+        std::fs::write(&file, format!("{ROUTER}{}", service("10.0.0.1:80"))).unwrap();
+        // A second name for the same file, in another folder: writing through it changes the
+        // content without an event in the watched folder, so a reload shows as the new address.
+        let link = elsewhere.path().join("dyn.toml");
+        std::fs::hard_link(&file, &link).unwrap();
+        let cfg = FileProvider {
+            filename: Some(file.clone()),
+            directory: None,
+            watch: true,
+        };
+        let (mut rx, handle) = start_with(cfg, WatchMode::Notify);
+        assert_eq!(
+            address(&rx.borrow_and_update()).as_deref(),
+            Some("10.0.0.1:80")
+        );
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&link)
+                .unwrap();
+            f.write_all(format!("{ROUTER}{}", service("10.0.0.2:80")).as_bytes())
+                .unwrap();
+        }
+        for i in 0..20 {
+            std::fs::write(dir.path().join("access.log"), format!("line {i}\n")).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(MAX_DEBOUNCE + Duration::from_millis(400)).await;
+        assert_eq!(
+            address(&rx.borrow_and_update()).as_deref(),
+            Some("10.0.0.1:80"),
+            "a write to another file of the folder reloaded the configuration"
+        );
+        // Replaced by a rename, as editors and Nomad templates do.
+        let tmp = dir.path().join(".dyn.toml.tmp");
+        std::fs::write(&tmp, format!("{ROUTER}{}", service("10.0.0.3:80"))).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        assert!(
+            wait_for(&mut rx, Duration::from_secs(5), |d| address(d).as_deref()
+                == Some("10.0.0.3:80"))
+            .await,
+            "replacing the file was not picked up"
+        );
+        drop(handle);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
