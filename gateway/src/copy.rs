@@ -80,14 +80,16 @@ pub enum Outcome {
 }
 
 /// The termination-delay timer, armed when the first direction finishes.
-struct Deadline {
+///
+/// The timer lives in the copy's own future (pinned there), not in an allocation of its own.
+struct Deadline<'a> {
     delay: Option<Duration>,
-    sleep: Option<Pin<Box<Sleep>>>,
+    sleep: Pin<&'a mut Option<Sleep>>,
 }
 
-impl Deadline {
-    fn new(delay: Option<Duration>) -> Self {
-        Deadline { delay, sleep: None }
+impl<'a> Deadline<'a> {
+    fn new(delay: Option<Duration>, sleep: Pin<&'a mut Option<Sleep>>) -> Self {
+        Deadline { delay, sleep }
     }
 
     /// Arms the timer (once); returns Ready when it has fired.
@@ -95,10 +97,13 @@ impl Deadline {
         let Some(d) = self.delay else {
             return Poll::Pending;
         };
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
-        sleep.as_mut().poll(cx)
+        if self.sleep.is_none() {
+            self.sleep.set(Some(tokio::time::sleep(d)));
+        }
+        match self.sleep.as_mut().as_pin_mut() {
+            Some(sleep) => sleep.poll(cx),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -202,7 +207,8 @@ where
 {
     let mut up = BufDir::new();
     let mut down = BufDir::new();
-    let mut deadline = Deadline::new(termination_delay);
+    let sleep = std::pin::pin!(None);
+    let mut deadline = Deadline::new(termination_delay, sleep);
     let outcome = poll_fn(|cx| {
         let up_res = if up.done {
             Poll::Pending
@@ -400,6 +406,53 @@ mod splice {
         }
     }
 
+    /// What a short read showed about what follows it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum After {
+        /// Nothing known: read again.
+        Unknown,
+        /// Nothing more to read yet; the task's waker is registered for the next bytes.
+        Pending,
+        /// The peer's FIN came before the read, which took everything: the stream has ended.
+        End,
+    }
+
+    /// A readiness-driven recv(2) into `buf`.
+    ///
+    /// With `exact_end`, a short read also tells whether the stream ended, so that the call
+    /// that would only return 0 is not made (HAProxy does the same with `EPOLLRDHUP`). A short
+    /// read consumes the readable state but not tokio's `READ_CLOSED`, which only the peer's FIN
+    /// or a reset sets. On a current-thread runtime no event is dispatched while this task runs,
+    /// so the socket being ready again right after the read means that FIN or reset was known
+    /// before the read: the read drained everything that preceded it. A reset is told apart by
+    /// the error readiness and left to the next call, which reports it.
+    fn poll_recv(
+        sock: &TcpStream,
+        cx: &mut Context<'_>,
+        buf: &mut [MaybeUninit<u8>],
+        exact_end: bool,
+    ) -> Poll<io::Result<(usize, After)>> {
+        let len = buf.len();
+        let n = ready!(poll_op(sock, cx, Interest::READABLE, len, |fd| recv(
+            fd, buf
+        )))?;
+        if n == 0 || n == len || !exact_end {
+            return Poll::Ready(Ok((n, After::Unknown)));
+        }
+        let after = match sock.poll_read_ready(cx) {
+            Poll::Pending => After::Pending,
+            Poll::Ready(Ok(())) => {
+                let ready = std::pin::pin!(sock.ready(Interest::READABLE | Interest::ERROR));
+                match std::future::Future::poll(ready, cx) {
+                    Poll::Ready(Ok(r)) if r.is_read_closed() && !r.is_error() => After::End,
+                    _ => After::Unknown,
+                }
+            }
+            Poll::Ready(Err(_)) => After::Unknown,
+        };
+        Poll::Ready(Ok((n, after)))
+    }
+
     /// How a direction currently moves bytes.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Mode {
@@ -422,13 +475,15 @@ mod splice {
         in_pipe: usize,
         /// Size of the last successful splice into the pipe.
         last_in: usize,
+        /// Short reads tell the end of the stream ([`poll_recv`]): the runtime is current-thread.
+        exact_end: bool,
         eof: bool,
         done: bool,
         amt: u64,
     }
 
     impl Dir {
-        fn new() -> Self {
+        fn new(exact_end: bool) -> Self {
             Dir {
                 mode: Mode::Buffered,
                 buf: None,
@@ -437,6 +492,7 @@ mod splice {
                 pipe: None,
                 in_pipe: 0,
                 last_in: 0,
+                exact_end,
                 eof: false,
                 done: false,
                 amt: 0,
@@ -497,9 +553,7 @@ mod splice {
                         // buffer, no zeroing. Only what the destination does not take at once is
                         // kept (in `self.buf`).
                         let mut stack = [MaybeUninit::<u8>::uninit(); SMALL];
-                        let n = ready!(poll_op(src, cx, Interest::READABLE, SMALL, |fd| recv(
-                            fd, &mut stack
-                        )))?;
+                        let (n, after) = ready!(poll_recv(src, cx, &mut stack, self.exact_end))?;
                         // SAFETY: recv initialised the first `n` bytes of `stack`.
                         let data: &[u8] =
                             unsafe { std::slice::from_raw_parts(stack.as_ptr().cast::<u8>(), n) };
@@ -536,6 +590,14 @@ mod splice {
                             buf[..rest.len()].copy_from_slice(rest);
                             self.pos = 0;
                             self.cap = rest.len();
+                        }
+                        match after {
+                            // Written out (or kept) first, then shut down at the loop's top.
+                            After::End => self.eof = true,
+                            // All written and the read waker registered: nothing to do until a
+                            // wake-up (reading again would only check the same readiness).
+                            After::Pending if off == n => return Poll::Pending,
+                            After::Pending | After::Unknown => {}
                         }
                     }
                     Mode::Splice => {
@@ -581,9 +643,13 @@ mod splice {
         termination_delay: Option<Duration>,
         meter: &mut Meter<'_>,
     ) -> (Outcome, Transferred) {
-        let mut up = Dir::new();
-        let mut down = Dir::new();
-        let mut deadline = Deadline::new(termination_delay);
+        // See `poll_recv`: tagway's workers are current-thread runtimes.
+        let exact_end = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        let mut up = Dir::new(exact_end);
+        let mut down = Dir::new(exact_end);
+        let sleep = std::pin::pin!(None);
+        let mut deadline = Deadline::new(termination_delay, sleep);
         let outcome = std::future::poll_fn(|cx| {
             let up_res = if up.done {
                 Poll::Pending
@@ -816,6 +882,73 @@ mod tests {
     #[tokio::test]
     async fn half_close_spliced() {
         half_close(1).await;
+    }
+
+    /// The backend's last bytes and its FIN come together (before the copy reads them): the
+    /// client gets the bytes, then the end; the other direction goes on until the client's FIN.
+    async fn last_bytes_with_fin(engine: u8) {
+        let (mut client, mut backend, h) = run(engine, Some(Duration::from_secs(5))).await;
+        backend.write_all(b"answer").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"answer");
+        client.write_all(b"more").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut q = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut q))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(q, b"more");
+        let (outcome, t) = h.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed), "{outcome:?}");
+        assert_eq!((t.to_backend, t.to_client), (4, 6));
+    }
+
+    #[tokio::test]
+    async fn last_bytes_with_fin_buffered() {
+        last_bytes_with_fin(0).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn last_bytes_with_fin_spliced() {
+        last_bytes_with_fin(1).await;
+    }
+
+    /// The backend's last bytes come with a reset, not a FIN: the client gets the bytes, and the
+    /// connection ends as an error (not as a half-close that waits for the client).
+    async fn last_bytes_with_reset(engine: u8) {
+        let (mut client, mut backend, h) = run(engine, Some(Duration::from_secs(5))).await;
+        backend.write_all(b"answer").await.unwrap();
+        socket2::SockRef::from(&backend)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(backend);
+        let (outcome, t) = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("a reset ends the copy at once")
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Error(_)), "{outcome:?}");
+        assert_eq!(t.to_client, 6);
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got)).await;
+        assert_eq!(got, b"answer");
+    }
+
+    #[tokio::test]
+    async fn last_bytes_with_reset_buffered() {
+        last_bytes_with_reset(0).await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn last_bytes_with_reset_spliced() {
+        last_bytes_with_reset(1).await;
     }
 
     async fn termination_delay(engine: u8) {
