@@ -389,7 +389,7 @@ impl Transport {
             .socket
             .socket(peer)
             .map_err(|error| DialErrorKind::Socket { peer, error })?;
-        socket.connect(peer).await.map_err(|error| {
+        crate::socket::connect(socket, peer).await.map_err(|error| {
             tracing::debug!(transport = %self.inner.name, %peer, %error, "connect failed");
             DialErrorKind::Connect { peer, error }
         })
@@ -410,7 +410,7 @@ impl Transport {
                     continue;
                 }
             };
-            let attempt = socket.connect(peer);
+            let attempt = crate::socket::connect(socket, peer);
             let result = match deadline {
                 // A single address has the whole dial timeout, which `dial` already enforces:
                 // no second timer per connection.

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpSocket;
+use tokio::io::Interest;
+use tokio::net::{TcpSocket, TcpStream};
 
 use tagway_config::Duration as ConfigDuration;
 
@@ -117,5 +118,119 @@ impl SocketOptions {
         };
         self.apply_inner(SockRef::from(&socket), true)?;
         Ok(socket)
+    }
+}
+
+/// Connects `socket` (non-blocking, from [`SocketOptions::socket`]) to `peer`.
+///
+/// As tokio's `TcpSocket::connect`, but the outcome is read from the readiness the connect
+/// completed with: a refused or unreachable connect reports an error (`EPOLLERR`) with its
+/// writability, and only then is `SO_ERROR` read for the reason. A connect that succeeded needs
+/// no `getsockopt` (nginx, HAProxy and Go make that call after every connect).
+pub async fn connect(socket: TcpSocket, peer: SocketAddr) -> io::Result<TcpStream> {
+    match SockRef::from(&socket).connect(&peer.into()) {
+        Ok(()) => {}
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: the descriptor comes out of `socket`, which gives up its ownership; nothing
+        // else holds it.
+        let std = unsafe { std::net::TcpStream::from_raw_fd(socket.into_raw_fd()) };
+        TcpStream::from_std(std)?
+    };
+    std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
+    // Ready at once (the socket is writable or closed); this reads which.
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if (ready.is_error() || ready.is_write_closed())
+        && let Some(e) = stream.take_error()?
+    {
+        return Err(e);
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn opts() -> SocketOptions {
+        SocketOptions::from_keep_alive(ConfigDuration::default())
+    }
+
+    async fn connects_and_refuses() {
+        for host in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(l) = tokio::net::TcpListener::bind(host).await else {
+                continue; // no IPv6 on this machine
+            };
+            let addr = l.local_addr().unwrap();
+            let mut s = connect(opts().socket(addr).unwrap(), addr).await.unwrap();
+            let (mut a, _) = l.accept().await.unwrap();
+            s.write_all(b"ping").await.unwrap();
+            let mut b = [0u8; 4];
+            a.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"ping");
+            assert_eq!(s.peer_addr().unwrap(), addr);
+            // The port closed: the connect's error readiness carries the reason.
+            drop((l, a, s));
+            let e = connect(opts().socket(addr).unwrap(), addr)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{addr}: {e}");
+        }
+    }
+
+    /// A connect that fails after it started (not in the connect call): its SYN is dropped by a
+    /// listener whose queue is full, and the retransmitted SYN meets the closed port.
+    async fn refused_later() {
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        // Fill the accept queue (never accepted), then one more: its SYN is dropped.
+        let mut queued = Vec::new();
+        let mut pending = None;
+        for _ in 0..8 {
+            let attempt = tokio::spawn(connect(opts().socket(addr).unwrap(), addr));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            if attempt.is_finished() {
+                queued.push(attempt.await.unwrap().unwrap());
+            } else {
+                pending = Some(attempt);
+                break;
+            }
+        }
+        let pending = pending.expect("a full accept queue drops the next SYN");
+        drop(l);
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), pending)
+            .await
+            .expect("the retransmitted SYN is refused")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    }
+
+    #[tokio::test]
+    async fn refused_later_current_thread() {
+        refused_later().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_later_multi_thread() {
+        refused_later().await;
+    }
+
+    #[tokio::test]
+    async fn connects_and_refuses_current_thread() {
+        connects_and_refuses().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connects_and_refuses_multi_thread() {
+        connects_and_refuses().await;
     }
 }
