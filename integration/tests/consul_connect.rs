@@ -190,9 +190,21 @@ async fn connect_mtls_with_the_exact_spiffe_id_rotation_and_proxy_inside_tls() {
     );
     let pp = tcfg.proxy_protocol.clone().unwrap();
     assert!(pp.inside_tls && pp.version == 1);
-    // The gateway's leaf and the roots were pushed to the identity source.
+    // The gateway's leaf and the roots are pushed to the identity source. They come through
+    // their own watches, which may answer after the catalog's: wait for them (bounded).
+    let mut pushed = identity.subscribe();
+    let current = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(id) = identity.current() {
+                break id;
+            }
+            pushed.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the gateway's identity pushed");
     assert_eq!(
-        identity.current().unwrap().spiffe_id(),
+        current.spiffe_id(),
         Some(catalog.spiffe_id("tagway").as_str())
     );
 
