@@ -100,10 +100,10 @@ impl<'a> Deadline<'a> {
         if self.sleep.is_none() {
             self.sleep.set(Some(tokio::time::sleep(d)));
         }
-        match self.sleep.as_mut().as_pin_mut() {
-            Some(sleep) => sleep.poll(cx),
-            None => Poll::Pending,
-        }
+        self.sleep
+            .as_mut()
+            .as_pin_mut()
+            .map_or(Poll::Pending, |sleep| sleep.poll(cx))
     }
 }
 

@@ -300,12 +300,10 @@ fn is_resource_error(e: &io::Error) -> bool {
 /// Other errors may repeat on every call: the loop backs off on them instead of spinning.
 fn is_per_connection_error(e: &io::Error) -> bool {
     matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-    ) || matches!(
         e.raw_os_error(),
         Some(
-            libc::ECONNABORTED
+            libc::EINTR
+                | libc::ECONNABORTED
                 | libc::EPROTO
                 | libc::EPERM
                 | libc::ENETDOWN

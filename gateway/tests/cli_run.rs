@@ -318,3 +318,39 @@ fn sighup_names_static_changes_that_need_a_restart() {
     gw.expect("tagway stopped", Duration::from_secs(10));
     assert!(gw.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// A SIGHUP that comes while tagway starts (as soon as it logs its first line, before any
+/// configuration is applied) reloads instead of ending the process; a SIGTERM then stops it.
+#[test]
+fn a_sighup_while_starting_is_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let static_file = dir.path().join("tagway.toml");
+    let dynamic = dir.path().join("dynamic.toml");
+    std::fs::write(
+        &dynamic,
+        "[tcp.routers.r]\nrule = \"HostSNI(`*`)\"\nservice = \"s\"\n\
+         [[tcp.services.s.loadBalancer.servers]]\naddress = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &static_file,
+        format!(
+            "[entryPoints.web]\naddress = \"127.0.0.1:0\"\n[providers.file]\nfilename = \"{}\"\n",
+            dynamic.display()
+        ),
+    )
+    .unwrap();
+    let mut gw = start(&static_file);
+    gw.expect("tagway starting", Duration::from_secs(20));
+    gw.signal("-HUP");
+    gw.expect("SIGHUP: reloading", Duration::from_secs(10));
+    assert!(
+        gw.seen.iter().any(|l| l.contains("configuration applied")),
+        "{:?}",
+        gw.seen
+    );
+    assert!(gw.child.try_wait().unwrap().is_none(), "tagway ended");
+    gw.signal("-TERM");
+    gw.expect("tagway stopped", Duration::from_secs(10));
+    assert!(gw.wait_exit(Duration::from_secs(10)).success());
+}

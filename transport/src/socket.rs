@@ -130,7 +130,6 @@ impl SocketOptions {
 pub async fn connect(socket: TcpSocket, peer: SocketAddr) -> io::Result<TcpStream> {
     match SockRef::from(&socket).connect(&peer.into()) {
         Ok(()) => {}
-        #[cfg(unix)]
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),
     }

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tagway_config::{
-    Dynamic, LogFormat, MergeCache, ResourceError, StaticConfig, Validated, load_static, merge,
-    validate_changes,
+    Dynamic, EntryPoint, LogFormat, MergeCache, ResourceError, StaticConfig, Validated,
+    load_static, merge, validate_changes,
 };
 use tagway_provider_consul::ConsulProvider;
 use tagway_transport::{IdentitySource, SourceKind};
@@ -389,6 +389,15 @@ pub fn main(path: &Path) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
+        // Before anything else: a SIGHUP or SIGTERM that comes while tagway starts is kept for
+        // the signal loop instead of ending the process (SIGHUP's default action).
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot handle signals: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "tagway starting");
         let st = Arc::new(st);
         let obs = match Observability::new(&st) {
@@ -449,7 +458,7 @@ pub fn main(path: &Path) -> ExitCode {
         }
         let (signal_tx, signal_rx) = tokio::sync::oneshot::channel();
         let shutdown = async {
-            let _ = signal_tx.send(wait_for_signals(&providers, path, &st).await);
+            let _ = signal_tx.send(signals.wait(&providers, path, &st).await);
         };
         if let Err(e) = gateway.run(providers.config.clone(), shutdown).await {
             tracing::error!("{e}");
@@ -483,36 +492,66 @@ pub fn main(path: &Path) -> ExitCode {
     code
 }
 
+/// The signals `tagway run` handles: SIGHUP reloads, SIGTERM and SIGINT stop.
 #[cfg(unix)]
-async fn wait_for_signals(
-    p: &Providers,
-    static_path: &Path,
-    running: &StaticConfig,
-) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration files");
-                p.reload();
-                report_static_changes(static_path, running);
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    /// Installs the handlers; a signal that comes before [`Signals::wait`] is kept for it.
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Reloads at each SIGHUP (and names the static changes that need a restart); returns at
+    /// SIGTERM or SIGINT.
+    async fn wait(
+        mut self,
+        p: &Providers,
+        static_path: &Path,
+        running: &StaticConfig,
+    ) -> std::io::Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration files");
+                    p.reload();
+                    report_static_changes(static_path, running);
+                }
+                _ = self.term.recv() => return Ok(()),
+                _ = self.int.recv() => return Ok(()),
             }
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
         }
     }
 }
 
+/// Ctrl-C stops; there is no reload signal.
 #[cfg(not(unix))]
-async fn wait_for_signals(
-    _p: &Providers,
-    _static_path: &Path,
-    _running: &StaticConfig,
-) -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals)
+    }
+
+    async fn wait(
+        self,
+        _p: &Providers,
+        _static_path: &Path,
+        _running: &StaticConfig,
+    ) -> std::io::Result<()> {
+        tokio::signal::ctrl_c().await
+    }
 }
 
 /// Reads the static file again (at SIGHUP) and logs, as warnings, every change that only a
@@ -533,53 +572,66 @@ fn report_static_changes(path: &Path, running: &StaticConfig) {
 }
 
 /// What differs between the running static configuration and `new`, one line per entry point
-/// and per other section, in a stable order.
+/// and per other section, in a stable order. Both structures are taken apart field by field, so
+/// that a section or an entry point key added to the configuration cannot be left out here.
 fn static_changes(running: &StaticConfig, new: &StaticConfig) -> Vec<String> {
+    let StaticConfig {
+        entry_points,
+        tcp_servers_transport,
+        providers,
+        admin,
+        log,
+        access_log,
+        shutdown,
+        load_balancer,
+    } = running;
     let mut out = Vec::new();
-    for (name, ep) in &running.entry_points {
-        match new.entry_points.get(name) {
-            None => out.push(format!(
+    for (name, ep) in entry_points {
+        let Some(n) = new.entry_points.get(name) else {
+            out.push(format!(
                 "entry point `{name}` ({}) removed, its listener stays open",
                 ep.address
-            )),
-            Some(n) if n != ep => {
-                let mut keys = Vec::new();
-                if n.address != ep.address {
-                    keys.push(format!("address `{}`, was `{}`", n.address, ep.address));
-                }
-                if n.proxy_protocol != ep.proxy_protocol {
-                    keys.push("proxyProtocol".to_owned());
-                }
-                if n.max_connections != ep.max_connections {
-                    keys.push("maxConnections".to_owned());
-                }
-                if keys.is_empty() {
-                    keys.push("its settings".to_owned());
-                }
-                out.push(format!("entry point `{name}` changed: {}", keys.join(", ")));
-            }
-            Some(_) => {}
+            ));
+            continue;
+        };
+        let EntryPoint {
+            address,
+            proxy_protocol,
+            max_connections,
+        } = ep;
+        let mut keys = Vec::new();
+        if &n.address != address {
+            keys.push(format!("address `{}`, was `{address}`", n.address));
+        }
+        if &n.proxy_protocol != proxy_protocol {
+            keys.push("proxyProtocol".to_owned());
+        }
+        if &n.max_connections != max_connections {
+            keys.push("maxConnections".to_owned());
+        }
+        if !keys.is_empty() {
+            out.push(format!("entry point `{name}` changed: {}", keys.join(", ")));
         }
     }
     for (name, ep) in &new.entry_points {
-        if !running.entry_points.contains_key(name) {
+        if !entry_points.contains_key(name) {
             out.push(format!(
                 "entry point `{name}` ({}) added, no listener is opened for it",
                 ep.address
             ));
         }
     }
-    let sections: [(&str, bool); 7] = [
+    let sections = [
         (
             "tcpServersTransport",
-            running.tcp_servers_transport != new.tcp_servers_transport,
+            tcp_servers_transport != &new.tcp_servers_transport,
         ),
-        ("providers", running.providers != new.providers),
-        ("admin", running.admin != new.admin),
-        ("log", running.log != new.log),
-        ("accessLog", running.access_log != new.access_log),
-        ("shutdown", running.shutdown != new.shutdown),
-        ("loadBalancer", running.load_balancer != new.load_balancer),
+        ("providers", providers != &new.providers),
+        ("admin", admin != &new.admin),
+        ("log", log != &new.log),
+        ("accessLog", access_log != &new.access_log),
+        ("shutdown", shutdown != &new.shutdown),
+        ("loadBalancer", load_balancer != &new.load_balancer),
     ];
     for (section, changed) in sections {
         if changed {
