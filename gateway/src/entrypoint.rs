@@ -347,6 +347,12 @@ pub async fn accept_loop<F, Fut>(
     };
     let mut conns = Open::default();
     let mut backoff = Duration::from_millis(5);
+    // tagway's workers are current-thread runtimes: keep their connections' timers from waking
+    // them (`anchor`).
+    let anchored = matches!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::CurrentThread
+    );
     // One `changed()` future for the whole loop: creating one per accept registers and removes
     // a waiter on the channel every time.
     if *stop.borrow_and_update() {
@@ -395,6 +401,9 @@ pub async fn accept_loop<F, Fut>(
         };
         backoff = Duration::from_millis(5);
         EntryPointCounters::inc(&counters.accepted);
+        if anchored {
+            crate::anchor::accepted();
+        }
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let fut = handle(stream, peer);

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod anchor;
 pub mod balancer;
 pub mod cli;
 pub mod clienthello;
