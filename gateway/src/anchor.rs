@@ -63,7 +63,8 @@ pub fn accepted() {
 }
 
 /// Expiries of this thread's anchor timer so far.
-pub fn ticks() -> u64 {
+#[cfg(test)]
+fn ticks() -> u64 {
     LOCAL.with(|l| l.ticks.get())
 }
 
