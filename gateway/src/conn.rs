@@ -124,13 +124,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end. `current_thread`: the task runs on a
+/// current-thread runtime ([`on_current_thread_runtime`](crate::entrypoint::on_current_thread_runtime),
+/// settled once by the accept loop), which lets the copy tell a stream's end from a short read.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     ep: Arc<EntryPointState>,
     tables: Arc<Tables>,
     opts: Arc<Options>,
+    current_thread: bool,
 ) {
     let mut tally = Tally::start(&ep, peer);
     let mut stream = stream;
@@ -342,7 +345,14 @@ pub async fn serve(
     let (outcome, mut t) = match &mut backend {
         #[cfg(target_os = "linux")]
         BackendStream::Plain(b) if opts.splice => {
-            Box::pin(copy::copy_spliced(&mut stream, b, delay, &mut meter)).await
+            Box::pin(copy::copy_spliced(
+                &mut stream,
+                b,
+                delay,
+                &mut meter,
+                current_thread,
+            ))
+            .await
         }
         _ => {
             Box::pin(copy::copy_buffered(

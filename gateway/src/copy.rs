@@ -637,15 +637,15 @@ mod splice {
 
     /// Bidirectional copy between two plain TCP sockets: small messages through a buffer, bulk
     /// with zero-copy splice(2). Initial bytes are sent to the backend first by the caller.
+    /// `exact_end`: the task runs on a current-thread runtime, so a short read tells whether the
+    /// stream ended ([`poll_recv`]).
     pub async fn copy_spliced(
         client: &mut TcpStream,
         backend: &mut TcpStream,
         termination_delay: Option<Duration>,
         meter: &mut Meter<'_>,
+        exact_end: bool,
     ) -> (Outcome, Transferred) {
-        // See `poll_recv`: tagway's workers are current-thread runtimes.
-        let exact_end = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         let mut up = Dir::new(exact_end);
         let mut down = Dir::new(exact_end);
         let sleep = std::pin::pin!(None);
@@ -715,7 +715,10 @@ mod tests {
         let h = tokio::spawn(async move {
             match engine {
                 #[cfg(target_os = "linux")]
-                1 => copy_spliced(&mut pc, &mut pb, delay, &mut Meter::default()).await,
+                1 => {
+                    let exact_end = crate::entrypoint::on_current_thread_runtime();
+                    copy_spliced(&mut pc, &mut pb, delay, &mut Meter::default(), exact_end).await
+                }
                 _ => copy_buffered(&mut pc, &mut pb, delay, &mut Meter::default()).await,
             }
         });
@@ -819,7 +822,10 @@ mod tests {
         let h = tokio::spawn(async move {
             match engine {
                 #[cfg(target_os = "linux")]
-                1 => copy_spliced(&mut pc, &mut pb, delay, &mut Meter::default()).await,
+                1 => {
+                    let exact_end = crate::entrypoint::on_current_thread_runtime();
+                    copy_spliced(&mut pc, &mut pb, delay, &mut Meter::default(), exact_end).await
+                }
                 _ => copy_buffered(&mut pc, &mut pb, delay, &mut Meter::default()).await,
             }
         });

@@ -317,6 +317,14 @@ fn is_per_connection_error(e: &io::Error) -> bool {
     )
 }
 
+/// True when the calling task runs on a current-thread runtime (each of tagway's workers has
+/// one): its tasks stay on this thread, and no event is dispatched while one of them runs.
+/// Settled once per accept loop, for the loop and its connections.
+pub fn on_current_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
 /// The semaphore of `maxConnections` (shared by the entry point's listeners on every worker).
 pub fn connection_limit(max_connections: Option<u64>) -> Option<Arc<Semaphore>> {
     max_connections.map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS as u64) as usize)))
@@ -349,10 +357,7 @@ pub async fn accept_loop<F, Fut>(
     let mut backoff = Duration::from_millis(5);
     // tagway's workers are current-thread runtimes: keep their connections' timers from waking
     // them (`anchor`).
-    let anchored = matches!(
-        tokio::runtime::Handle::current().runtime_flavor(),
-        tokio::runtime::RuntimeFlavor::CurrentThread
-    );
+    let anchored = on_current_thread_runtime();
     // One `changed()` future for the whole loop: creating one per accept registers and removes
     // a waiter on the channel every time.
     if *stop.borrow_and_update() {

@@ -350,6 +350,8 @@ async fn serve_loop(
     grace: Duration,
 ) {
     let state = spec.state;
+    // The connections' tasks run on this loop's runtime.
+    let current_thread = entrypoint::on_current_thread_runtime();
     entrypoint::accept_loop(
         state.name.clone(),
         spec.listener,
@@ -364,6 +366,7 @@ async fn serve_loop(
                 state.clone(),
                 tables.load_full(),
                 opts.clone(),
+                current_thread,
             )
         },
     )
