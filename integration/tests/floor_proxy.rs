@@ -141,3 +141,58 @@ async fn megabytes_cross_both_ways_through_full_sockets() -> Result<()> {
     ensure!(back == expect, "the bytes came back changed");
     Ok(())
 }
+
+#[tokio::test]
+async fn threads_share_the_listener_and_serve_every_connection() -> Result<()> {
+    // An echo server for many connections.
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let backend = l.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await?;
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                tokio::io::copy(&mut r, &mut w).await?;
+                w.shutdown().await?;
+                anyhow::Ok(())
+            });
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    });
+    let floor = Floor::start(backend, &["--threads", "2"]).await?;
+    let mut clients = Vec::new();
+    for i in 0..40u32 {
+        let addr = floor.addr;
+        clients.push(tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await?;
+            let msg = format!("connection {i}");
+            c.write_all(msg.as_bytes()).await?;
+            c.shutdown().await?;
+            let mut back = Vec::new();
+            timeout(WAIT, c.read_to_end(&mut back)).await??;
+            ensure!(back == msg.as_bytes(), "{msg}: got {back:?}");
+            anyhow::Ok(())
+        }));
+    }
+    for c in clients {
+        c.await??;
+    }
+    // Both threads run the loop: the process has a second thread.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", floor.child.id()))?.count();
+    ensure!(tasks >= 2, "floor-proxy has {tasks} thread(s)");
+    Ok(())
+}
+
+#[test]
+fn a_thread_count_that_is_not_a_positive_number_is_refused() -> Result<()> {
+    for bad in ["0", "two"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_floor-proxy"))
+            .args(["127.0.0.1:0", "127.0.0.1:1", "--threads", bad])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "--threads {bad} accepted");
+        ensure!(err.contains("--threads"), "--threads {bad}: {err}");
+    }
+    Ok(())
+}

@@ -2,9 +2,9 @@
 //! measures the floor under tagway's data plane: what the kernel work that issue 3 requires costs
 //! with no runtime, routing, metrics or configuration on top.
 //!
-//! One thread, one `epoll` instance (through `mio`, which closes a socket without deleting it from
-//! epoll first: the kernel removes it at close), and per connection only the system calls tagway
-//! makes:
+//! One thread (N with `--threads N`), each with one `epoll` instance (through `mio`, which closes
+//! a socket without deleting it from epoll first: the kernel removes it at close), and per
+//! connection only the system calls tagway makes:
 //!
 //! - the listener is bound by tagway's own code (`tagway::entrypoint::bind_addr`: TCP_NODELAY,
 //!   which Linux copies to every accepted socket);
@@ -18,14 +18,16 @@
 //!   other, which keeps being read until its own FIN; then both sockets are closed.
 //!
 //! With `--close-at-eof` the first FIN closes both sockets instead (what nginx's `stream` proxy
-//! does by default, `proxy_half_close off`).
+//! does by default, `proxy_half_close off`). With `--threads N`, N threads each run this loop
+//! with their own epoll instance on one shared listening socket (tagway's worker model: every
+//! idle thread is woken for a new connection).
 //!
 //! It has no timers (a peer that never closes keeps its connection), no limits and no logging:
 //! a measuring instrument, not a gateway.
 //!
 //! ```text
 //! cargo build --release -p tagway-integration --bin floor-proxy
-//! target/release/floor-proxy 127.0.0.1:7000 127.0.0.1:8080 [--close-at-eof]
+//! target/release/floor-proxy 127.0.0.1:7000 127.0.0.1:8080 [--close-at-eof] [--threads N]
 //! scripts/bench-dataplane --floor --tests cc     # beside tagway, HAProxy and nginx
 //! ```
 
@@ -44,11 +46,21 @@ const LISTENER: Token = Token(usize::MAX);
 const BUF: usize = 16 * 1024;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     let close_at_eof = args.iter().any(|a| a == "--close-at-eof");
+    let mut threads = 1usize;
+    if let Some(i) = args.iter().position(|a| a == "--threads") {
+        let n = args.get(i + 1).context("--threads needs a number")?;
+        threads = n
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("--threads {n:?}: a positive number"))?;
+        args.drain(i..i + 2);
+    }
     let addrs: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let [listen, backend] = addrs[..] else {
-        bail!("usage: floor-proxy LISTEN_ADDR BACKEND_ADDR [--close-at-eof]");
+        bail!("usage: floor-proxy LISTEN_ADDR BACKEND_ADDR [--close-at-eof] [--threads N]");
     };
     let listen: SocketAddr = listen
         .parse()
@@ -56,23 +68,27 @@ fn main() -> anyhow::Result<()> {
     let backend: SocketAddr = backend
         .parse()
         .with_context(|| format!("backend address {backend:?}"))?;
-    let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let listener = tagway::entrypoint::bind_addr(listen, false)
+        .with_context(|| format!("listening on {listen}"))?;
     println!("listening on {}", listener.local_addr()?);
-    Proxy {
-        listener,
+    let proxy = |listener: std::net::TcpListener| Proxy {
+        listener: TcpListener::from_std(listener),
         backend,
         close_at_eof,
         conns: Vec::new(),
         free: Vec::new(),
+    };
+    for _ in 1..threads {
+        let p = proxy(listener.try_clone().context("sharing the listener")?);
+        // The threads run until the process is killed; an error in any of them ends it.
+        std::thread::spawn(move || {
+            if let Err(e) = p.run() {
+                eprintln!("floor-proxy: {e:#}");
+                std::process::exit(1);
+            }
+        });
     }
-    .run()
-}
-
-/// The listener exactly as tagway binds an entry point's (one worker, no SO_REUSEPORT).
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    Ok(TcpListener::from_std(tagway::entrypoint::bind_addr(
-        addr, false,
-    )?))
+    proxy(listener).run()
 }
 
 /// Opens the server socket with tagway's options (those of the default transport) and starts a
