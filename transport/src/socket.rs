@@ -140,8 +140,7 @@ pub async fn connect(socket: TcpSocket, peer: SocketAddr) -> io::Result<TcpStrea
         let std = unsafe { std::net::TcpStream::from_raw_fd(socket.into_raw_fd()) };
         TcpStream::from_std(std)?
     };
-    std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
-    // Ready at once (the socket is writable or closed); this reads which.
+    // Writable when connected; a failed connect is writable too, with an error readiness.
     let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
     if (ready.is_error() || ready.is_write_closed())
         && let Some(e) = stream.take_error()?

@@ -67,6 +67,11 @@ impl LogLines {
         self.lines().iter().filter(|l| l.contains(needle)).count()
     }
 
+    /// Whether a line satisfies `f`.
+    pub fn any(&self, f: impl FnMut(&String) -> bool) -> bool {
+        self.lines().iter().any(f)
+    }
+
     /// The first line for which `f` gives a value.
     pub fn find_map<T>(&self, f: impl FnMut(&String) -> Option<T>) -> Option<T> {
         self.lines().iter().find_map(f)
@@ -193,10 +198,10 @@ impl Gateway {
         let deadline = Instant::now() + WAIT;
         let addr = addr.to_string();
         while Instant::now() < deadline {
-            let seen = self
+            if self
                 .log
-                .find_map(|l| (l.contains("listening") && l.contains(&addr)).then_some(()));
-            if seen.is_some() {
+                .any(|l| l.contains("listening") && l.contains(&addr))
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
