@@ -1,6 +1,7 @@
 //! The measuring floor (`floor-proxy`, docs/performance.md) moves bytes like the gateway does:
 //! half-close in both directions, large transfers through a full socket, and with
-//! `--close-at-eof` the stock-nginx behaviour it is compared with. Real binary, real sockets.
+//! `--close-at-eof` the stock-nginx behaviour it is compared with; several threads on one
+//! listener, also accepting as nginx does (`--exclusive-accept`). Real binary, real sockets.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -142,8 +143,9 @@ async fn megabytes_cross_both_ways_through_full_sockets() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn threads_share_the_listener_and_serve_every_connection() -> Result<()> {
+/// Runs floor-proxy with `args` in front of an echo server and checks 40 concurrent
+/// connections, each echoed; then that the process runs `threads` threads.
+async fn serves_every_connection(args: &[&str], threads: usize) -> Result<()> {
     // An echo server for many connections.
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let backend = l.local_addr()?;
@@ -160,7 +162,7 @@ async fn threads_share_the_listener_and_serve_every_connection() -> Result<()> {
         #[allow(unreachable_code)]
         anyhow::Ok(())
     });
-    let floor = Floor::start(backend, &["--threads", "2"]).await?;
+    let floor = Floor::start(backend, args).await?;
     let mut clients = Vec::new();
     for i in 0..40u32 {
         let addr = floor.addr;
@@ -178,10 +180,26 @@ async fn threads_share_the_listener_and_serve_every_connection() -> Result<()> {
     for c in clients {
         c.await??;
     }
-    // Both threads run the loop: the process has a second thread.
     let tasks = std::fs::read_dir(format!("/proc/{}/task", floor.child.id()))?.count();
-    ensure!(tasks >= 2, "floor-proxy has {tasks} thread(s)");
+    ensure!(
+        tasks >= threads,
+        "floor-proxy has {tasks} thread(s), not {threads}"
+    );
     Ok(())
+}
+
+#[tokio::test]
+async fn threads_share_the_listener_and_serve_every_connection() -> Result<()> {
+    serves_every_connection(&["--threads", "2"], 2).await
+}
+
+#[tokio::test]
+async fn exclusive_accept_takes_one_connection_per_wake_and_leaves_none_behind() -> Result<()> {
+    // Level-triggered: connections still in the backlog after one accept are reported by the
+    // next wait (an edge-triggered registration accepting one per wake would strand them, and
+    // their clients would time out).
+    serves_every_connection(&["--threads", "2", "--exclusive-accept"], 2).await?;
+    serves_every_connection(&["--exclusive-accept"], 1).await
 }
 
 #[test]

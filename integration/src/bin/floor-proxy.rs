@@ -22,12 +22,19 @@
 //! with their own epoll instance on one shared listening socket (tagway's worker model: every
 //! idle thread is woken for a new connection).
 //!
+//! With `--exclusive-accept` the listener is accepted from as nginx's workers do (Linux): it is
+//! registered level-triggered with `EPOLLEXCLUSIVE`, so a new connection wakes one idle thread,
+//! and each wake accepts one connection (nginx's `multi_accept off`); a backlog that is not empty
+//! is reported again by the next `epoll_wait`. Without it the listener is edge-triggered (through
+//! `mio`, as in tokio) and each wake accepts until `EAGAIN`.
+//!
 //! It has no timers (a peer that never closes keeps its connection), no limits and no logging:
 //! a measuring instrument, not a gateway.
 //!
 //! ```text
 //! cargo build --release -p tagway-integration --bin floor-proxy
 //! target/release/floor-proxy 127.0.0.1:7000 127.0.0.1:8080 [--close-at-eof] [--threads N]
+//!     [--exclusive-accept]
 //! scripts/bench-dataplane --floor --tests cc     # beside tagway, HAProxy and nginx
 //! ```
 
@@ -48,6 +55,7 @@ const BUF: usize = 16 * 1024;
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let close_at_eof = args.iter().any(|a| a == "--close-at-eof");
+    let exclusive_accept = args.iter().any(|a| a == "--exclusive-accept");
     let mut threads = 1usize;
     if let Some(i) = args.iter().position(|a| a == "--threads") {
         let n = args.get(i + 1).context("--threads needs a number")?;
@@ -60,7 +68,10 @@ fn main() -> anyhow::Result<()> {
     }
     let addrs: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let [listen, backend] = addrs[..] else {
-        bail!("usage: floor-proxy LISTEN_ADDR BACKEND_ADDR [--close-at-eof] [--threads N]");
+        bail!(
+            "usage: floor-proxy LISTEN_ADDR BACKEND_ADDR [--close-at-eof] [--threads N] \
+             [--exclusive-accept]"
+        );
     };
     let listen: SocketAddr = listen
         .parse()
@@ -75,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         listener: TcpListener::from_std(listener),
         backend,
         close_at_eof,
+        exclusive_accept,
         conns: Vec::new(),
         free: Vec::new(),
     };
@@ -140,6 +152,8 @@ struct Proxy {
     listener: TcpListener,
     backend: SocketAddr,
     close_at_eof: bool,
+    /// Level-triggered `EPOLLEXCLUSIVE` registration, one accept per wake.
+    exclusive_accept: bool,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
 }
@@ -148,8 +162,12 @@ impl Proxy {
     fn run(mut self) -> anyhow::Result<()> {
         let mut poll = Poll::new()?;
         let mut events = Events::with_capacity(256);
-        poll.registry()
-            .register(&mut self.listener, LISTENER, Interest::READABLE)?;
+        if self.exclusive_accept {
+            register_exclusive(&poll, &self.listener)?;
+        } else {
+            poll.registry()
+                .register(&mut self.listener, LISTENER, Interest::READABLE)?;
+        }
         let mut buf = [0u8; BUF];
         loop {
             if let Err(e) = poll.poll(&mut events, None) {
@@ -196,6 +214,7 @@ impl Proxy {
         }
     }
 
+    /// Accepts until `EAGAIN`, or one connection with `--exclusive-accept`.
     fn accept(&mut self, poll: &Poll) {
         loop {
             let client = match self.listener.accept() {
@@ -231,7 +250,12 @@ impl Proxy {
                         .register(&mut conn.socks[1], Token(2 * slot + 1), both)
                 });
             match registered {
-                Ok(()) => self.conns[slot] = Some(conn),
+                Ok(()) => {
+                    self.conns[slot] = Some(conn);
+                    if self.exclusive_accept {
+                        return;
+                    }
+                }
                 Err(e) => {
                     eprintln!("epoll: {e}");
                     self.free.push(slot);
@@ -245,6 +269,30 @@ impl Proxy {
         self.conns[slot] = None;
         self.free.push(slot);
     }
+}
+
+/// Registers the listener in `poll`'s epoll instance level-triggered with `EPOLLEXCLUSIVE`
+/// (`mio` registers edge-triggered and has no exclusive wake-ups), under the [`LISTENER`] token.
+fn register_exclusive(poll: &Poll, listener: &TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+        u64: LISTENER.0 as u64,
+    };
+    // SAFETY: both descriptors are open for the duration of the call (`poll` and `listener` are
+    // borrowed) and `ev` is a valid event; mio reads the token back from `u64`.
+    let r = unsafe {
+        libc::epoll_ctl(
+            poll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            listener.as_raw_fd(),
+            &mut ev,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Moves what can be moved in both directions; says when the connection is over.
