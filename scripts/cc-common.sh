@@ -3,7 +3,8 @@
 #
 # - an nginx backend serving a 100 B file on 127.0.0.1:$backend (already started);
 # - nginx stream-proxy configurations `$wd/proxy1.conf` and `$wd/proxy2.conf` (1 and 2 workers)
-#   listening on 127.0.0.1:$ngport;
+#   listening on 127.0.0.1:$ngport, and `$wd/proxy1hc.conf`, `$wd/proxy2hc.conf` the same with
+#   `proxy_half_close on` (the half-close tagway does);
 # - tagway's `$wd/gw.toml` (entry point on 127.0.0.1:$gwport, file provider) and `$wd/dyn.toml`
 #   (one router `HostSNI(`*`)` to the backend), the default transport;
 #
@@ -62,6 +63,7 @@ pid $wd/proxy$n.pid; error_log $wd/logs/proxy.err warn;
 events { worker_connections 8192; }
 stream { server { listen 127.0.0.1:$ngport backlog=4096; proxy_pass 127.0.0.1:$backend; } }
 EOF2
+        sed 's/proxy_pass /proxy_half_close on; proxy_pass /' "$wd/proxy$n.conf" > "$wd/proxy${n}hc.conf"
     done
     printf '[entryPoints.bench]\naddress = "127.0.0.1:%s"\n[providers.file]\nfilename = "%s/dyn.toml"\n[log]\nlevel = "error"\n' \
         "$gwport" "$wd" > "$wd/gw.toml"
