@@ -214,3 +214,14 @@ fn a_thread_count_that_is_not_a_positive_number_is_refused() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn an_unknown_option_is_refused_by_name() -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_floor-proxy"))
+        .args(["127.0.0.1:0", "127.0.0.1:1", "--exclusive"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "--exclusive accepted");
+    ensure!(err.contains("unknown option \"--exclusive\""), "{err}");
+    Ok(())
+}

@@ -66,6 +66,12 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("--threads {n:?}: a positive number"))?;
         args.drain(i..i + 2);
     }
+    if let Some(unknown) = args
+        .iter()
+        .find(|a| a.starts_with("--") && *a != "--close-at-eof" && *a != "--exclusive-accept")
+    {
+        bail!("unknown option {unknown:?} (--close-at-eof, --threads N, --exclusive-accept)");
+    }
     let addrs: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let [listen, backend] = addrs[..] else {
         bail!(
