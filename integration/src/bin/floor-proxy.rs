@@ -47,6 +47,9 @@ use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, SockRef, Socket, Type};
 use tagway_transport::socket::{DEFAULT_KEEP_ALIVE, SocketOptions};
 
+/// The command line, for errors.
+const USAGE: &str = "usage: floor-proxy LISTEN_ADDR BACKEND_ADDR [--close-at-eof] [--threads N] [--exclusive-accept]";
+
 /// The listener's token (connections use `2 * slot` and `2 * slot + 1`).
 const LISTENER: Token = Token(usize::MAX);
 /// The copy buffer (on the stack), as tagway's small-message path.
@@ -70,14 +73,11 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .find(|a| a.starts_with("--") && *a != "--close-at-eof" && *a != "--exclusive-accept")
     {
-        bail!("unknown option {unknown:?} (--close-at-eof, --threads N, --exclusive-accept)");
+        bail!("unknown option {unknown:?}; {USAGE}");
     }
     let addrs: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let [listen, backend] = addrs[..] else {
-        bail!(
-            "usage: floor-proxy LISTEN_ADDR BACKEND_ADDR [--close-at-eof] [--threads N] \
-             [--exclusive-accept]"
-        );
+        bail!("{USAGE}");
     };
     let listen: SocketAddr = listen
         .parse()
