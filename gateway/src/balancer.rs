@@ -99,6 +99,8 @@ pub struct Balancer {
     current: Mutex<Vec<i64>>,
     /// The service this balancer implements (name, transport, counters).
     pub service: Arc<ServiceInfo>,
+    /// See [`Balancer::is_plain`].
+    plain: bool,
 }
 
 /// What a service carries besides its peers.
@@ -137,11 +139,28 @@ impl Balancer {
     /// A balancer over `peers` implementing `service`.
     pub fn with_service(peers: Vec<(u32, Peer)>, service: Arc<ServiceInfo>) -> Self {
         let n = peers.len();
+        let dials_plain = service
+            .transport
+            .as_ref()
+            .is_some_and(|t| !t.always_tls() && t.proxy_protocol().is_none())
+            && !service.proxy_protocol;
+        let plain = peers.iter().all(|(_, p)| match p {
+            Peer::Server(s) => dials_plain && !s.tls && s.address.socket_addr().is_some(),
+            Peer::Service(b) => b.plain,
+        });
         Balancer {
             peers: peers.into_iter().map(|(w, p)| (i64::from(w), p)).collect(),
             current: Mutex::new(vec![0; n]),
             service,
+            plain,
         }
+    }
+
+    /// True when every server this service can pick (nested services included) is dialled as
+    /// plain TCP to an IP address, with no TLS and no PROXY header: what the event-loop data
+    /// path ([`crate::evloop`]) dials itself.
+    pub fn is_plain(&self) -> bool {
+        self.plain
     }
 
     /// The peers with their weights.

@@ -43,6 +43,20 @@ pub struct Options {
     /// in an SO_REUSEPORT group beyond that). Default: `TOKIO_WORKER_THREADS`, else the number
     /// of CPUs.
     pub workers: usize,
+    /// Serve plain-TCP entry points from the event loops ([`crate::evloop`], Linux) when their
+    /// routes allow it. Default: on, unless `TAGWAY_EVENT_LOOP` is `0`, `off` or `false`.
+    pub event_loop: bool,
+}
+
+/// `TAGWAY_EVENT_LOOP` (on unless `0`, `off` or `false`); always off outside Linux.
+pub fn default_event_loop() -> bool {
+    cfg!(target_os = "linux")
+        && !std::env::var("TAGWAY_EVENT_LOOP").is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "0" | "off" | "false" | "no"
+            )
+        })
 }
 
 /// `TOKIO_WORKER_THREADS`, else the number of CPUs.
@@ -63,6 +77,7 @@ impl Default for Options {
             hold_out: Duration::from_secs(5),
             splice: cfg!(target_os = "linux"),
             workers: default_workers(),
+            event_loop: default_event_loop(),
         }
     }
 }
@@ -135,7 +150,7 @@ pub async fn serve(
     opts: Arc<Options>,
     current_thread: bool,
 ) {
-    let mut tally = Tally::start(&ep, peer);
+    let mut tally = Tally::start(&*ep, peer);
     let mut stream = stream;
     let mut buf: Vec<u8> = Vec::new();
     // `dst` is filled in (getsockname) only when a PROXY header toward the backend needs it.
@@ -394,7 +409,11 @@ async fn settle_signature(
 
 /// Counts and logs a PROXY header sent by a peer the entry point does not trust (the caller
 /// closes the connection).
-fn refuse_untrusted_header(ep: &EntryPointState, tally: &mut Tally<'_>, peer: SocketAddr) {
+fn refuse_untrusted_header(
+    ep: &EntryPointState,
+    tally: &mut Tally<&EntryPointState>,
+    peer: SocketAddr,
+) {
     EntryPointCounters::inc(&ep.counters.proxy_protocol_errors);
     tally.fail(Failure::ProxyProtocol);
     tracing::debug!(entry_point = %ep.name, peer = %peer, "PROXY header from an untrusted address refused");
@@ -480,7 +499,7 @@ async fn terminate(
     client: ClientAddrs,
     ep: &EntryPointState,
     opts: &Options,
-    tally: &mut Tally<'_>,
+    tally: &mut Tally<&EntryPointState>,
 ) {
     let Some(cfg) = cfg else {
         EntryPointCounters::inc(&ep.counters.tls_errors);
@@ -544,7 +563,7 @@ async fn dial(
     client: ClientAddrs,
     dst: &(dyn Fn() -> SocketAddr + Sync),
     opts: &Options,
-    tally: &mut Tally<'_>,
+    tally: &mut Tally<&EntryPointState>,
 ) -> Option<(Pick, BackendStream)> {
     let mut tried: Tried = Vec::new();
     let svc_counters: &Counters = &route.service.service.counters;

@@ -247,7 +247,7 @@ where
 pub use splice::copy_spliced;
 
 #[cfg(target_os = "linux")]
-mod splice {
+pub(crate) mod splice {
     //! Zero-copy engine: socket → pipe → socket with splice(2).
 
     use std::io;
@@ -263,7 +263,7 @@ mod splice {
     use super::{Deadline, Meter, Outcome, Transferred};
 
     /// Bytes asked of one splice call (the pipe bounds what moves).
-    const CHUNK: usize = 1 << 20;
+    pub(crate) const CHUNK: usize = 1 << 20;
     /// Pipe capacity asked for (bulk transfers).
     const PIPE_SIZE: libc::c_int = 256 * 1024;
     /// Pipes kept for reuse (empty ones only), so short connections skip pipe2/close.
@@ -272,13 +272,14 @@ mod splice {
     static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
     /// A non-blocking pipe.
-    pub(super) struct Pipe {
+    pub(crate) struct Pipe {
         r: OwnedFd,
         w: OwnedFd,
     }
 
     impl Pipe {
-        fn new() -> io::Result<Pipe> {
+        /// A pipe from the pool, else a new one.
+        pub(crate) fn new() -> io::Result<Pipe> {
             if let Some(p) = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop() {
                 return Ok(p);
             }
@@ -297,8 +298,18 @@ mod splice {
             Ok(Pipe { r, w })
         }
 
+        /// The read end.
+        pub(crate) fn reader(&self) -> RawFd {
+            self.r.as_raw_fd()
+        }
+
+        /// The write end.
+        pub(crate) fn writer(&self) -> RawFd {
+            self.w.as_raw_fd()
+        }
+
         /// Returns an empty pipe to the pool (a pipe holding bytes is closed instead).
-        fn recycle(self, empty: bool) {
+        pub(crate) fn recycle(self, empty: bool) {
             if empty {
                 let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
                 if pool.len() < POOL_MAX {
@@ -313,7 +324,8 @@ mod splice {
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
-    fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    /// splice(2) of up to `len` bytes, non-blocking.
+    pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         // SAFETY: plain syscall on descriptors owned by the caller; null offsets (sockets, pipes).
         let n = unsafe {
             libc::splice(
@@ -332,7 +344,7 @@ mod splice {
     /// cancellation points, and in a process with several threads each call is bracketed by two
     /// atomic read-modify-writes of the thread's cancellation state (1.5-2 % of the gateway's
     /// CPU on small keep-alive requests, perf). tagway never cancels a thread.
-    fn recv(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    pub(crate) fn recv(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes; recvfrom accepts null address
         // pointers; the descriptor is owned by the caller's socket for the whole call.
         let n = unsafe {
@@ -350,7 +362,7 @@ mod splice {
     }
 
     /// See [`recv`]. `MSG_NOSIGNAL`: a closed peer is an `EPIPE` error, not a signal.
-    fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    pub(crate) fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
         // SAFETY: `data` is valid for reads of `data.len()` bytes; null destination address
         // (a connected socket); the descriptor is owned by the caller's socket.
         let n = unsafe {
@@ -464,7 +476,7 @@ mod splice {
     }
 
     /// Buffer of the buffered mode; a read that fills it switches the direction to splice.
-    const SMALL: usize = 16 * 1024;
+    pub(crate) const SMALL: usize = 16 * 1024;
 
     struct Dir {
         mode: Mode,

@@ -288,7 +288,7 @@ pub fn bind(
 }
 
 /// True for accept errors that mean "out of descriptors or memory".
-fn is_resource_error(e: &io::Error) -> bool {
+pub(crate) fn is_resource_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -298,7 +298,7 @@ fn is_resource_error(e: &io::Error) -> bool {
 /// True for accept errors that concern only the connection being accepted (it was reset
 /// before accept, or a firewall or the network refused it; accept(2) says to retry at once).
 /// Other errors may repeat on every call: the loop backs off on them instead of spinning.
-fn is_per_connection_error(e: &io::Error) -> bool {
+pub(crate) fn is_per_connection_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(
@@ -330,8 +330,65 @@ pub fn connection_limit(max_connections: Option<u64>) -> Option<Arc<Semaphore>> 
     max_connections.map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS as u64) as usize)))
 }
 
+/// What an accept loop shares with the event loops of its entry point (Linux): while `paused`
+/// says so the event loops accept and this loop does not (its listener is out of the runtime's
+/// epoll instance); `handoff` brings it the connections they accepted but cannot serve.
+#[derive(Debug)]
+pub struct Shared {
+    /// `true` while the event loops accept.
+    pub paused: watch::Receiver<bool>,
+    /// Connections handed over by an event loop.
+    pub handoff: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+}
+
+/// The listener of an accept loop: in the runtime, or parked outside it while the event loops
+/// accept.
+enum Listening {
+    Registered(TcpListener),
+    Parked(std::net::TcpListener),
+}
+
+impl Listening {
+    /// Parks or registers the listener as `paused` says.
+    fn set(self, paused: bool) -> io::Result<Listening> {
+        Ok(match (self, paused) {
+            (Listening::Registered(l), true) => Listening::Parked(l.into_std()?),
+            (Listening::Parked(l), false) => Listening::Registered(TcpListener::from_std(l)?),
+            (l, _) => l,
+        })
+    }
+
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        match self {
+            Listening::Registered(l) => l.accept().await,
+            Listening::Parked(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// A handed-over connection, or never without `shared`.
+async fn handed_over(shared: &mut Option<Shared>) -> Option<(std::net::TcpStream, SocketAddr)> {
+    match shared {
+        Some(s) => s.handoff.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the event loops start or stop accepting (never without `shared`).
+async fn switched(paused: &mut Option<watch::Receiver<bool>>) {
+    match paused {
+        Some(p) => {
+            if p.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Accepts connections until `stop` turns true, then waits for the open ones up to `grace` and
-/// aborts the rest. `handle` serves one connection.
+/// aborts the rest. `handle` serves one connection. With `shared`, the loop accepts only while
+/// the event loops do not, and serves what they hand over.
 #[allow(clippy::too_many_arguments)]
 pub async fn accept_loop<F, Fut>(
     name: Arc<str>,
@@ -340,19 +397,18 @@ pub async fn accept_loop<F, Fut>(
     counters: Arc<EntryPointCounters>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
+    shared: Option<Shared>,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let sem = max_connections;
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(entry_point = %name, error = %e, "cannot register the listener");
-            return;
-        }
+    let (mut paused, mut shared) = match shared {
+        Some(s) => (Some(s.paused.clone()), Some(s)),
+        None => (None, None),
     };
+    let mut listener = Some(Listening::Parked(listener));
     let mut conns = Open::default();
     let mut backoff = Duration::from_millis(5);
     // tagway's workers are current-thread runtimes: keep their connections' timers from waking
@@ -376,12 +432,34 @@ pub async fn accept_loop<F, Fut>(
                 _ = &mut stopped => break 'accept,
             },
         };
-        let (stream, peer) = loop {
+        let (stream, peer, handed) = loop {
+            let pause = paused.as_mut().is_some_and(|p| *p.borrow_and_update());
+            let Some(l) = listener.take() else {
+                break 'accept;
+            };
+            match l.set(pause) {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    tracing::error!(entry_point = %name, error = %e, "cannot register the listener");
+                    break 'accept;
+                }
+            }
+            let Some(l) = listener.as_ref() else {
+                break 'accept;
+            };
             tokio::select! {
                 biased;
                 _ = &mut stopped => break 'accept,
-                res = listener.accept() => match res {
-                    Ok(c) => break c,
+                Some((s, peer)) = handed_over(&mut shared) => match TcpStream::from_std(s) {
+                    Ok(s) => break (s, peer, true),
+                    Err(e) => {
+                        tracing::warn!(entry_point = %name, error = %e, "cannot register a connection");
+                        continue;
+                    }
+                },
+                () = switched(&mut paused) => continue,
+                res = l.accept() => match res {
+                    Ok((s, peer)) => break (s, peer, false),
                     Err(e) => {
                         EntryPointCounters::inc(&counters.accept_errors);
                         if is_per_connection_error(&e) {
@@ -405,7 +483,10 @@ pub async fn accept_loop<F, Fut>(
             }
         };
         backoff = Duration::from_millis(5);
-        EntryPointCounters::inc(&counters.accepted);
+        if !handed {
+            // The event loop counted the handed-over ones.
+            EntryPointCounters::inc(&counters.accepted);
+        }
         if anchored {
             crate::anchor::accepted();
         }
@@ -629,6 +710,67 @@ mod tests {
         for h in open.handles.drain(..) {
             h.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_paused_loop_serves_handed_over_connections_and_resumes_accepting() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (paused_tx, paused) = watch::channel(true);
+        let (handoff_tx, handoff) = tokio::sync::mpsc::unbounded_channel();
+        let (stop_tx, stop) = watch::channel(false);
+        let counters = Arc::new(EntryPointCounters::default());
+        let task = tokio::spawn(accept_loop(
+            "ep".into(),
+            listener,
+            None,
+            counters.clone(),
+            stop,
+            Duration::from_secs(1),
+            Some(Shared { paused, handoff }),
+            |mut s: TcpStream, peer: SocketAddr| async move {
+                let _ = s.write_all(peer.to_string().as_bytes()).await;
+            },
+        ));
+        // Paused: a connection waits in the backlog; a handed-over one is served.
+        let mut waiting = TcpStream::connect(addr).await.unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut handed = TcpStream::connect(other.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, peer) = other.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        handoff_tx.send((s, peer)).unwrap();
+        let mut out = String::new();
+        handed.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, handed.local_addr().unwrap().to_string());
+        let mut b = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), waiting.read(&mut b))
+                .await
+                .is_err(),
+            "a paused loop accepted"
+        );
+        assert_eq!(
+            counters.accepted.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        // Resumed: the waiting connection is accepted and served.
+        paused_tx.send(false).unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), waiting.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out, waiting.local_addr().unwrap().to_string());
+        assert_eq!(
+            counters.accepted.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[test]

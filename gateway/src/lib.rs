@@ -14,6 +14,8 @@ pub mod conn;
 pub mod copy;
 pub mod dial;
 pub mod entrypoint;
+#[cfg(target_os = "linux")]
+pub mod evloop;
 pub mod health;
 pub mod metrics;
 pub mod middleware;

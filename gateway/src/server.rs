@@ -54,9 +54,33 @@ pub struct GatewayHandle {
     entry_points: Arc<HashMap<String, Arc<EntryPointCounters>>>,
     generation: watch::Receiver<u64>,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    #[cfg(target_os = "linux")]
+    switches: Switches,
 }
 
+/// Per entry point served by the event loops when it can be, its switch (filled by `run`).
+#[cfg(target_os = "linux")]
+type Switches = Arc<std::sync::Mutex<Vec<(String, Arc<crate::evloop::Switch>)>>>;
+
 impl GatewayHandle {
+    /// True while the event loops ([`crate::evloop`]) accept the connections of `entry_point`
+    /// (false while its tokio accept loops do, and outside Linux).
+    pub fn served_by_event_loops(&self, entry_point: &str) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            self.switches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|(n, s)| n == entry_point && s.event_loops())
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = entry_point;
+            false
+        }
+    }
+
     /// True once shutdown began: no new connections are accepted and the open ones drain
     /// (`/ready` answers 503 from then on).
     pub fn is_draining(&self) -> bool {
@@ -91,6 +115,8 @@ pub struct Gateway {
     draining: Arc<std::sync::atomic::AtomicBool>,
     obs: Option<Observability>,
     identity: Option<IdentitySource>,
+    #[cfg(target_os = "linux")]
+    switches: Switches,
 }
 
 impl Gateway {
@@ -118,6 +144,8 @@ impl Gateway {
             draining: Arc::default(),
             obs: None,
             identity: None,
+            #[cfg(target_os = "linux")]
+            switches: Arc::default(),
         }
     }
 
@@ -169,6 +197,8 @@ impl Gateway {
             entry_points: self.counters.clone(),
             generation: self.generation.1.clone(),
             draining: self.draining.clone(),
+            #[cfg(target_os = "linux")]
+            switches: self.switches.clone(),
         }
     }
 
@@ -195,35 +225,6 @@ impl Gateway {
         release_freed_memory();
         let gen_tx = self.generation.0.clone();
         gen_tx.send_modify(|g| *g += 1);
-        let reload = {
-            let static_cfg = static_cfg.clone();
-            let tables = self.tables.clone();
-            let obs = self.obs.clone();
-            let identity = self.identity.clone();
-            tokio::spawn(async move {
-                // Freed generations go back to the OS a moment after a change, at most once per
-                // TRIM_DELAY, off the path of the change itself.
-                let mut trim_at: Option<tokio::time::Instant> = None;
-                loop {
-                    tokio::select! {
-                        changed = config_rx.changed() => {
-                            if changed.is_err() {
-                                break;
-                            }
-                            let cfg = config_rx.borrow_and_update().clone();
-                            apply(&static_cfg, &tables, &cfg, obs.as_ref(), identity.as_ref());
-                            gen_tx.send_modify(|g| *g += 1);
-                            trim_at.get_or_insert_with(|| tokio::time::Instant::now() + TRIM_DELAY);
-                        }
-                        () = async { tokio::time::sleep_until(trim_at.unwrap_or_else(tokio::time::Instant::now)).await }, if trim_at.is_some() => {
-                            trim_at = None;
-                            release_freed_memory();
-                        }
-                    }
-                }
-            })
-        };
-
         let grace = static_cfg
             .shutdown
             .grace_period
@@ -234,6 +235,12 @@ impl Gateway {
         // One set of accept loops per worker thread; this runtime serves the first.
         let mut per_worker: Vec<Vec<LoopSpec>> = (1..workers).map(|_| Vec::new()).collect();
         let mut loops = Vec::new();
+        // Per event-loop thread, the entry points it serves; per entry point, its switch.
+        #[cfg(target_os = "linux")]
+        let mut loop_specs: Vec<Vec<crate::evloop::EntrySpec>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        #[cfg(target_os = "linux")]
+        let mut switches: Vec<(String, Arc<crate::evloop::Switch>)> = Vec::new();
         for (name, listener) in std::mem::take(&mut self.listeners) {
             let ep_cfg = &static_cfg.entry_points[&name];
             let proxy_in = match &ep_cfg.proxy_protocol {
@@ -253,15 +260,49 @@ impl Gateway {
                 access_log: self.obs.as_ref().and_then(Observability::access_log),
             });
             let limit = entrypoint::connection_limit(ep_cfg.max_connections);
+            // Per worker, what its accept loop shares with the event loops (Linux, an entry
+            // point without inbound PROXY protocol and `maxConnections`).
+            let mut shared: Vec<Option<entrypoint::Shared>> =
+                listener.iter().map(|_| None).collect();
+            #[cfg(target_os = "linux")]
+            if self.options.event_loop && state.proxy_in.is_none() && limit.is_none() {
+                let switch = crate::evloop::Switch::new();
+                switch.set(crate::evloop::can_serve(&self.tables.load(), &name));
+                for (i, l) in listener.iter().enumerate() {
+                    let dup = match l.try_clone() {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!(entry_point = %name, error = %e,
+                                "cannot share the listener with an event loop");
+                            continue;
+                        }
+                    };
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    shared[i] = Some(entrypoint::Shared {
+                        paused: switch.tokio_paused(),
+                        handoff: rx,
+                    });
+                    loop_specs[i].push(crate::evloop::EntrySpec {
+                        listener: dup,
+                        state: state.clone(),
+                        switch: switch.clone(),
+                        handoff: tx,
+                    });
+                }
+                switches.push((name.clone(), switch));
+            }
+            let mut shared = shared.into_iter();
             let mut listeners = listener.into_iter();
             let Some(listener) = listeners.next() else {
                 continue;
             };
-            for (w, l) in per_worker.iter_mut().zip(listeners) {
+            let first_shared = shared.next().flatten();
+            for (w, (l, sh)) in per_worker.iter_mut().zip(listeners.zip(shared)) {
                 w.push(LoopSpec {
                     listener: l,
                     state: state.clone(),
                     limit: limit.clone(),
+                    shared: sh,
                 });
             }
             loops.push(tokio::spawn(serve_loop(
@@ -269,6 +310,7 @@ impl Gateway {
                     listener,
                     state,
                     limit,
+                    shared: first_shared,
                 },
                 self.tables.clone(),
                 self.options.clone(),
@@ -276,6 +318,64 @@ impl Gateway {
                 grace,
             )));
         }
+        #[cfg(target_os = "linux")]
+        let (switches, wakers, loop_threads) = {
+            let mut wakers = Vec::new();
+            let mut threads = Vec::new();
+            for (i, entries) in loop_specs.into_iter().enumerate() {
+                if entries.is_empty() {
+                    continue;
+                }
+                match crate::evloop::spawn(
+                    i,
+                    entries,
+                    self.tables.clone(),
+                    self.options.clone(),
+                    grace,
+                ) {
+                    Ok((w, t)) => {
+                        wakers.push(w);
+                        threads.push(t);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot start an event loop"),
+                }
+            }
+            *self.switches.lock().unwrap_or_else(|e| e.into_inner()) = switches.clone();
+            (Arc::new(switches), Arc::new(wakers), threads)
+        };
+        let reload = {
+            let static_cfg = static_cfg.clone();
+            let tables = self.tables.clone();
+            let obs = self.obs.clone();
+            let identity = self.identity.clone();
+            #[cfg(target_os = "linux")]
+            let (switches, wakers) = (switches.clone(), wakers.clone());
+            tokio::spawn(async move {
+                // Freed generations go back to the OS a moment after a change, at most once per
+                // TRIM_DELAY, off the path of the change itself.
+                let mut trim_at: Option<tokio::time::Instant> = None;
+                loop {
+                    tokio::select! {
+                        changed = config_rx.changed() => {
+                            if changed.is_err() {
+                                break;
+                            }
+                            let cfg = config_rx.borrow_and_update().clone();
+                            apply(&static_cfg, &tables, &cfg, obs.as_ref(), identity.as_ref());
+                            #[cfg(target_os = "linux")]
+                            flip(&tables.load(), &switches, &wakers);
+                            gen_tx.send_modify(|g| *g += 1);
+                            trim_at.get_or_insert_with(|| tokio::time::Instant::now() + TRIM_DELAY);
+                        }
+                        () = async { tokio::time::sleep_until(trim_at.unwrap_or_else(tokio::time::Instant::now)).await }, if trim_at.is_some() => {
+                            trim_at = None;
+                            release_freed_memory();
+                        }
+                    }
+                }
+            })
+        };
+
         let mut worker_done = Vec::new();
         for (i, specs) in per_worker.into_iter().enumerate() {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -324,9 +424,20 @@ impl Gateway {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down: no new connections");
         let _ = stop_tx.send(true);
+        #[cfg(target_os = "linux")]
+        for w in wakers.iter() {
+            w.stop();
+        }
         for l in loops {
             let _ = l.await;
         }
+        #[cfg(target_os = "linux")]
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in loop_threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         for d in worker_done {
             let _ = d.await;
         }
@@ -340,6 +451,30 @@ struct LoopSpec {
     listener: std::net::TcpListener,
     state: Arc<EntryPointState>,
     limit: Option<Arc<tokio::sync::Semaphore>>,
+    shared: Option<entrypoint::Shared>,
+}
+
+/// Hands each entry point to the event loops or to tokio as `tables` allow, and wakes the event
+/// loops when one changed.
+#[cfg(target_os = "linux")]
+fn flip(
+    tables: &Tables,
+    switches: &[(String, Arc<crate::evloop::Switch>)],
+    wakers: &[Arc<crate::evloop::Waker>],
+) {
+    let mut changed = false;
+    for (name, switch) in switches {
+        let to_loops = crate::evloop::can_serve(tables, name);
+        if switch.set(to_loops) {
+            tracing::debug!(entry_point = %name, event_loops = to_loops, "entry point switched");
+            changed = true;
+        }
+    }
+    if changed {
+        for w in wakers {
+            w.wake();
+        }
+    }
 }
 
 async fn serve_loop(
@@ -359,6 +494,7 @@ async fn serve_loop(
         state.counters.clone(),
         stop,
         grace,
+        spec.shared,
         move |stream, peer| {
             crate::conn::serve(
                 stream,

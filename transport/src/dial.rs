@@ -60,6 +60,12 @@ impl ServerAddr {
         }
     }
 
+    /// The socket address when the host is an IP address (`None` for a host name, which is
+    /// resolved at every dial, or an invalid address).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.ip
+    }
+
     /// The address as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -226,6 +232,11 @@ impl Transport {
     /// (`terminationDelay`); `None` = no deadline (a negative value).
     pub fn termination_delay(&self) -> Option<Duration> {
         self.inner.config.termination_delay.to_std()
+    }
+
+    /// The options set on every backend socket before it connects (`dialKeepAlive`).
+    pub fn socket_options(&self) -> SocketOptions {
+        self.inner.socket
     }
 
     /// True when connections are TLS whatever the server's `tls` flag (a `tls` or `spiffe` section).

@@ -190,7 +190,8 @@ pub struct DialError {
 }
 
 impl DialError {
-    pub(crate) fn new(server: &str, kind: DialErrorKind) -> Self {
+    /// A failed dial of `server` (the address as configured).
+    pub fn new(server: &str, kind: DialErrorKind) -> Self {
         DialError {
             server: server.to_owned(),
             kind,

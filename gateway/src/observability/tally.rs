@@ -7,6 +7,7 @@
 //! connection, handed to the writer thread when the tally is dropped.
 
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -19,18 +20,19 @@ use crate::observability::accesslog::{CloseReason, Record};
 use crate::observability::counters::Failure;
 use crate::router::Route;
 
-/// Bookkeeping of one connection, from accept to close.
+/// Bookkeeping of one connection, from accept to close. `E` holds the entry point: a reference
+/// on a connection's task, an `Arc` in the event loop's table of connections.
 #[derive(Debug)]
-pub struct Tally<'a> {
-    ep: &'a EntryPointState,
+pub struct Tally<E: Deref<Target = EntryPointState>> {
+    ep: E,
     start: Instant,
     record: Option<Box<Record>>,
 }
 
-impl<'a> Tally<'a> {
+impl<E: Deref<Target = EntryPointState>> Tally<E> {
     /// Starts counting a connection accepted on `ep` from `client`.
     #[inline]
-    pub fn start(ep: &'a EntryPointState, client: SocketAddr) -> Self {
+    pub fn start(ep: E, client: SocketAddr) -> Self {
         ep.counters.open.fetch_add(1, Ordering::Relaxed);
         let record = ep
             .access_log
@@ -120,7 +122,7 @@ impl<'a> Tally<'a> {
     }
 }
 
-impl Drop for Tally<'_> {
+impl<E: Deref<Target = EntryPointState>> Drop for Tally<E> {
     fn drop(&mut self) {
         self.ep.counters.open.fetch_sub(1, Ordering::Relaxed);
         if let Some(mut r) = self.record.take()

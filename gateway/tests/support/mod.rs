@@ -73,7 +73,15 @@ pub async fn closed_port() -> SocketAddr {
 }
 
 pub async fn start(st: StaticConfig, d: Dynamic) -> Gw {
+    start_with(st, d, None).await
+}
+
+/// [`start`] with data-plane options of its own (the `loadBalancer` ones still come from `st`).
+pub async fn start_with(st: StaticConfig, d: Dynamic, opts: Option<tagway::conn::Options>) -> Gw {
     let mut gw = Gateway::new(st.clone());
+    if let Some(o) = opts {
+        gw = gw.with_options(o);
+    }
     gw.bind().unwrap();
     let addrs = st
         .entry_points
