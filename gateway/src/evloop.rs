@@ -691,8 +691,12 @@ impl EventLoop {
         unsafe { libc::read(self.waker.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
         if self.waker.stop.load(Ordering::Acquire) && self.draining.is_none() {
             for e in std::mem::take(&mut self.entries) {
-                // Closing this loop's descriptor removes it from the epoll instance.
-                drop(e);
+                // Removed explicitly: closing this loop's descriptor would not remove it while
+                // other descriptors of the socket are open (tokio's, the other loops').
+                if e.registered {
+                    let fd = e.spec.listener.as_raw_fd();
+                    let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0, 0);
+                }
             }
             if self.open > 0 {
                 tracing::info!(open = self.open, grace = ?self.grace, "stopped accepting; draining connections");
