@@ -19,8 +19,7 @@
 //! (small messages through a buffer, bulk with splice(2)), the same counters, access log and
 //! logs. Measured in `docs/performance.md` (thirteenth round).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeSet;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -526,8 +525,9 @@ struct EventLoop {
     slots: Vec<Slot>,
     free: Vec<usize>,
     open: usize,
-    /// (deadline, slot, epoch); stale entries are skipped when they come up.
-    timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    /// (deadline, slot, epoch) of each connection's pending timer: removed when the connection
+    /// leaves the state it was for, so it holds no more than the open connections.
+    timers: BTreeSet<(Instant, usize, u32)>,
     draining: Option<Instant>,
     /// Connections whose turn ended with bytes possibly left to move.
     again: Vec<(usize, u32)>,
@@ -589,7 +589,7 @@ impl EventLoop {
             slots: Vec::new(),
             free: Vec::new(),
             open: 0,
-            timers: BinaryHeap::new(),
+            timers: BTreeSet::new(),
             draining: None,
             again: Vec::new(),
         })
@@ -660,13 +660,8 @@ impl EventLoop {
                 next = Some(next.map_or(b, |n| n.min(b)));
             }
         }
-        // Drop stale timers from the top so that they do not cut the sleep short.
-        while let Some(Reverse((at, slot, epoch))) = self.timers.peek().copied() {
-            if self.timer_live(at, slot, epoch) {
-                next = Some(next.map_or(at, |n| n.min(at)));
-                break;
-            }
-            self.timers.pop();
+        if let Some(&(at, _, _)) = self.timers.first() {
+            next = Some(next.map_or(at, |n| n.min(at)));
         }
         match next {
             None => -1,
@@ -897,6 +892,9 @@ impl EventLoop {
         if let Some(s) = self.slots.get_mut(slot)
             && let Some(c) = s.conn.take()
         {
+            if let Some(at) = c.deadline() {
+                self.timers.remove(&(at, slot, s.epoch));
+            }
             drop(c);
             self.open -= 1;
             self.free.push(slot);
@@ -983,7 +981,7 @@ impl EventLoop {
                         timeout,
                     });
                     if let Some(at) = deadline {
-                        self.timers.push(Reverse((at, slot, epoch)));
+                        self.timers.insert((at, slot, epoch));
                     }
                     return;
                 }
@@ -994,7 +992,12 @@ impl EventLoop {
 
     fn on_conn_event(&mut self, slot: usize, epoch: u32, backend: bool, flags: u32) {
         let hold_out = self.opts.hold_out;
-        let Some(c) = self.conn_mut(slot, epoch) else {
+        let Some(c) = self
+            .slots
+            .get_mut(slot)
+            .filter(|s| s.epoch == epoch)
+            .and_then(|s| s.conn.as_mut())
+        else {
             return;
         };
         if backend {
@@ -1017,6 +1020,9 @@ impl EventLoop {
                 let State::Dialing(d) = std::mem::replace(&mut c.state, State::Idle) else {
                     return;
                 };
+                if let Some(at) = d.deadline {
+                    self.timers.remove(&(at, slot, epoch));
+                }
                 c.backend = None;
                 let kind = match peer {
                     Some(peer) => DialErrorKind::Connect { peer, error },
@@ -1034,6 +1040,9 @@ impl EventLoop {
             let State::Dialing(d) = std::mem::replace(&mut c.state, State::Idle) else {
                 return;
             };
+            if let Some(at) = d.deadline {
+                self.timers.remove(&(at, slot, epoch));
+            }
             let took = d.started.elapsed();
             let counters = &d.pick.server.counters;
             counters.dial_duration.observe(took);
@@ -1100,7 +1109,7 @@ impl EventLoop {
                     {
                         let at = Instant::now() + d;
                         p.deadline = Some(at);
-                        self.timers.push(Reverse((at, slot, epoch)));
+                        self.timers.insert((at, slot, epoch));
                     }
                     None
                 }
@@ -1142,11 +1151,11 @@ impl EventLoop {
             self.sync_listeners();
         }
         let hold_out = self.opts.hold_out;
-        while let Some(Reverse((at, slot, epoch))) = self.timers.peek().copied() {
+        while let Some(&(at, slot, epoch)) = self.timers.first() {
             if at > now {
                 break;
             }
-            self.timers.pop();
+            self.timers.pop_first();
             if !self.timer_live(at, slot, epoch) {
                 continue;
             }
