@@ -475,6 +475,14 @@ pub(crate) mod splice {
         Splice,
     }
 
+    /// Keeps `rest` (what the destination did not take of one read, at most [`SMALL`] bytes) in
+    /// `buf`, allocated on first use; returns its length.
+    pub(crate) fn keep(buf: &mut Option<Box<[u8]>>, rest: &[u8]) -> usize {
+        let b = buf.get_or_insert_with(|| vec![0u8; SMALL].into_boxed_slice());
+        b[..rest.len()].copy_from_slice(rest);
+        rest.len()
+    }
+
     /// Buffer of the buffered mode; a read that fills it switches the direction to splice.
     pub(crate) const SMALL: usize = 16 * 1024;
 
@@ -595,13 +603,8 @@ pub(crate) mod splice {
                             }
                         }
                         if off < n {
-                            let rest = &data[off..];
-                            let buf = self
-                                .buf
-                                .get_or_insert_with(|| vec![0u8; SMALL].into_boxed_slice());
-                            buf[..rest.len()].copy_from_slice(rest);
                             self.pos = 0;
-                            self.cap = rest.len();
+                            self.cap = keep(&mut self.buf, &data[off..]);
                         }
                         match after {
                             // Written out (or kept) first, then shut down at the loop's top.

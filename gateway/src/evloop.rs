@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::balancer::{Pick, Tried};
 use crate::conn::{EntryPointState, Options};
-use crate::copy::splice::{CHUNK, Pipe, SMALL, recv, send, splice};
+use crate::copy::splice::{CHUNK, Pipe, SMALL, keep, recv, send, splice};
 use crate::copy::{Outcome, Transferred};
 use crate::entrypoint::{is_per_connection_error, is_resource_error};
 use crate::metrics::{Counters, EntryPointCounters};
@@ -348,13 +348,8 @@ impl Dir {
                         unsafe { std::slice::from_raw_parts(stack.as_ptr().cast::<u8>(), n) };
                     let off = self.send_out(dst, dr, data)?;
                     if off < n {
-                        let rest = &data[off..];
-                        let buf = self
-                            .buf
-                            .get_or_insert_with(|| vec![0u8; SMALL].into_boxed_slice());
-                        buf[..rest.len()].copy_from_slice(rest);
                         self.pos = 0;
-                        self.cap = rest.len();
+                        self.cap = keep(&mut self.buf, &data[off..]);
                     }
                     if ended {
                         self.eof = true;

@@ -37,36 +37,11 @@ async fn weighted_three_to_one_is_exact_and_smooth() {
 #[tokio::test]
 async fn half_close_client_reads_whole_answer() {
     // The backend reads until EOF, then answers 1 MiB and closes.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut q = Vec::new();
-        s.read_to_end(&mut q).await.unwrap();
-        let answer: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
-        s.write_all(&q).await.unwrap();
-        s.write_all(&answer).await.unwrap();
-        s.shutdown().await.unwrap();
-    });
+    let addr = answer_after_eof_backend().await;
     let mut st = static_cfg();
     st.tcp_servers_transport.termination_delay = tagway_config::Duration::from_secs(10);
     let gw = start(st, simple(&[(addr, 1)])).await;
-    let mut c = TcpStream::connect(gw.addr()).await.unwrap();
-    c.write_all(b"question").await.unwrap();
-    c.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&got[..8], b"question");
-    assert_eq!(got.len(), 8 + (1 << 20));
-    assert!(
-        got[8..]
-            .iter()
-            .enumerate()
-            .all(|(i, b)| *b == (i % 253) as u8)
-    );
+    assert_half_close(gw.addr()).await;
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::*;
 use tagway_config::Dynamic;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Options with the event loops on (whatever `TAGWAY_EVENT_LOOP` says).
 fn on() -> Option<tagway::conn::Options> {
@@ -171,16 +171,7 @@ async fn entry_points_with_max_connections_or_proxy_protocol_stay_on_tokio() {
 #[tokio::test]
 async fn with_the_event_loops_off_tokio_serves_plain_entry_points() {
     // The half-close test of dataplane.rs on the tokio path.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut q = Vec::new();
-        s.read_to_end(&mut q).await.unwrap();
-        s.write_all(&q).await.unwrap();
-        s.write_all(&vec![7u8; 1 << 20]).await.unwrap();
-        s.shutdown().await.unwrap();
-    });
+    let addr = answer_after_eof_backend().await;
     let mut st = static_cfg();
     st.tcp_servers_transport.termination_delay = tagway_config::Duration::from_secs(10);
     let opts = tagway::conn::Options {
@@ -189,14 +180,5 @@ async fn with_the_event_loops_off_tokio_serves_plain_entry_points() {
     };
     let gw = start_with(st, simple(&[(addr, 1)]), Some(opts)).await;
     assert!(!gw.handle.served_by_event_loops("tcp"));
-    let mut c = TcpStream::connect(gw.addr()).await.unwrap();
-    c.write_all(b"question").await.unwrap();
-    c.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&got[..8], b"question");
-    assert_eq!(got.len(), 8 + (1 << 20));
+    assert_half_close(gw.addr()).await;
 }

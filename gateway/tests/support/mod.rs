@@ -262,3 +262,41 @@ pub async fn tls_backend(name: &str, cert_pem: &str, key_pem: &str) -> SocketAdd
     });
     addr
 }
+
+/// A backend for one connection that reads until the client's EOF, then answers what it read
+/// followed by 1 MiB (bytes `i % 253`) and closes.
+pub async fn answer_after_eof_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut q = Vec::new();
+        s.read_to_end(&mut q).await.unwrap();
+        let answer: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+        s.write_all(&q).await.unwrap();
+        s.write_all(&answer).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    addr
+}
+
+/// Through `gw`, to an [`answer_after_eof_backend`]: the client shuts its write side after a
+/// question, and reads the whole answer.
+pub async fn assert_half_close(gw: SocketAddr) {
+    let mut c = TcpStream::connect(gw).await.unwrap();
+    c.write_all(b"question").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..8], b"question");
+    assert_eq!(got.len(), 8 + (1 << 20));
+    assert!(
+        got[8..]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 253) as u8)
+    );
+}
