@@ -467,7 +467,7 @@ pub(crate) mod splice {
 
     /// How a direction currently moves bytes.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    enum Mode {
+    pub(crate) enum Mode {
         /// read(2)/write(2) through a small buffer: two syscalls per message, best for small
         /// messages (a short read tells the socket is drained, no extra EAGAIN call).
         Buffered,

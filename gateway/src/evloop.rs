@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::balancer::{Pick, Tried};
 use crate::conn::{EntryPointState, Options};
-use crate::copy::splice::{CHUNK, Pipe, SMALL, keep, recv, send, splice};
+use crate::copy::splice::{CHUNK, Mode, Pipe, SMALL, keep, recv, send, splice};
 use crate::copy::{Outcome, Transferred};
 use crate::entrypoint::{is_per_connection_error, is_resource_error};
 use crate::metrics::{Counters, EntryPointCounters};
@@ -191,15 +191,6 @@ impl Ready {
             self.err = true;
         }
     }
-}
-
-/// How a direction moves bytes now (as in `copy::copy_spliced`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// recv(2)/send(2) through a stack buffer: two system calls per message.
-    Buffered,
-    /// splice(2) through a pipe: no copy to user space, for bulk.
-    Splice,
 }
 
 /// One direction of a proxied connection.
