@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use crate::balancer::{Pick, Tried};
 use crate::clienthello::{self, Peeked};
 use crate::copy::{self, Outcome, Transferred};
-use crate::dial::{BackendStream, ClientAddrs};
+use crate::dial::{BackendStream, ClientAddrs, DialError};
 use crate::metrics::{Counters, EntryPointCounters};
 use crate::observability::counters::Failure;
 use crate::observability::tally::Tally;
@@ -542,7 +542,7 @@ async fn terminate(
 }
 
 /// The counters a connection's bytes go to (while it is open: see [`copy::Meter`]).
-fn sinks<'a>(route: &'a Route, pick: &'a Pick) -> [&'a Counters; 3] {
+pub(crate) fn sinks<'a>(route: &'a Route, pick: &'a Pick) -> [&'a Counters; 3] {
     [
         &*route.counters,
         &*pick.service.counters,
@@ -550,7 +550,8 @@ fn sinks<'a>(route: &'a Route, pick: &'a Pick) -> [&'a Counters; 3] {
     ]
 }
 
-fn ended(route: &Route, pick: &Pick, outcome: &Outcome) {
+/// Logs how a proxied connection ended when an error ended it.
+pub(crate) fn ended(route: &Route, pick: &Pick, outcome: &Outcome) {
     if let Outcome::Error(e) = outcome {
         tracing::trace!(router = %route.name, server = %pick.server.address, error = %e, "connection ended by an error");
     }
@@ -566,7 +567,6 @@ async fn dial(
     tally: &mut Tally<&EntryPointState>,
 ) -> Option<(Pick, BackendStream)> {
     let mut tried: Tried = Vec::new();
-    let svc_counters: &Counters = &route.service.service.counters;
     for _ in 0..opts.dial_attempts.max(1) {
         let Some(pick) = route.service.pick(&tried) else {
             break;
@@ -585,38 +585,61 @@ async fn dial(
         // allocator's slow path (and its consolidation of free chunks) on every connection.
         match Box::pin(transport.dial_addr(&pick.server.address, pick.server.tls, addrs)).await {
             Ok(s) => {
-                let took = start.elapsed();
-                pick.server.counters.dial_duration.observe(took);
-                let us = took.as_micros() as u64;
-                pick.server
-                    .counters
-                    .dial_micros
-                    .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+                dialled(&pick, start.elapsed());
                 return Some((pick, s));
             }
             Err(e) => {
-                let reason = e.reason();
-                pick.server.counters.dial_error(reason);
-                pick.service.counters.dial_error(reason);
-                pick.server.hold_out(opts.hold_out);
-                tracing::warn!(router = %route.name, service = %pick.service.name, error = %e,
-                    reason = reason.as_str(), "dial failed; trying the next server");
+                dial_failed(route, &pick, &e, opts.hold_out);
                 tried.push(pick.server);
             }
         }
     }
-    svc_counters
+    no_server(route, tally, !tried.is_empty(), client.source);
+    None
+}
+
+/// Counts a successful dial of `pick` that took `took`.
+pub(crate) fn dialled(pick: &Pick, took: Duration) {
+    pick.server.counters.dial_duration.observe(took);
+    pick.server.counters.dial_micros.fetch_add(
+        took.as_micros() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Counts, holds out (for `hold_out`) and logs a failed dial of `pick` for `route`; the caller
+/// tries the next server.
+pub(crate) fn dial_failed(route: &Route, pick: &Pick, e: &DialError, hold_out: Duration) {
+    let reason = e.reason();
+    pick.server.counters.dial_error(reason);
+    pick.service.counters.dial_error(reason);
+    pick.server.hold_out(hold_out);
+    tracing::warn!(router = %route.name, service = %pick.service.name, error = %e,
+        reason = reason.as_str(), "dial failed; trying the next server");
+}
+
+/// Counts and logs a connection of `route` closed because no server was dialled (`dial_failed`:
+/// some were tried, else none was available).
+pub(crate) fn no_server<E: std::ops::Deref<Target = EntryPointState>>(
+    route: &Route,
+    tally: &mut Tally<E>,
+    dial_failed: bool,
+    client: SocketAddr,
+) {
+    route
+        .service
+        .service
+        .counters
         .no_server
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tally.fail_route(
         route,
-        if tried.is_empty() {
-            Failure::NoHealthyServer
-        } else {
+        if dial_failed {
             Failure::DialFailed
+        } else {
+            Failure::NoHealthyServer
         },
     );
-    tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client.source,
+    tracing::warn!(router = %route.name, service = %route.service.service.name, client = %client,
         "no server available; closing the connection");
-    None
 }

@@ -366,24 +366,25 @@ impl Listening {
     }
 }
 
-/// A handed-over connection, or never without `shared`.
-async fn handed_over(shared: &mut Option<Shared>) -> Option<(std::net::TcpStream, SocketAddr)> {
-    match shared {
-        Some(s) => s.handoff.recv().await,
+/// A handed-over connection, or never without a channel.
+async fn handed_over(
+    handoff: &mut Option<tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>>,
+) -> Option<(std::net::TcpStream, SocketAddr)> {
+    match handoff {
+        Some(h) => h.recv().await,
         None => std::future::pending().await,
     }
 }
 
-/// Resolves when the event loops start or stop accepting (never without `shared`).
-async fn switched(paused: &mut Option<watch::Receiver<bool>>) {
-    match paused {
-        Some(p) => {
-            if p.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
+/// The receiver back once the event loops started or stopped accepting (never without one).
+/// Awaited from one pinned future until it resolves: not a new waiter per accept.
+async fn next_switch(paused: Option<watch::Receiver<bool>>) -> watch::Receiver<bool> {
+    if let Some(mut p) = paused
+        && p.changed().await.is_ok()
+    {
+        return p;
     }
+    std::future::pending().await
 }
 
 /// Accepts connections until `stop` turns true, then waits for the open ones up to `grace` and
@@ -404,11 +405,21 @@ pub async fn accept_loop<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let sem = max_connections;
-    let (mut paused, mut shared) = match shared {
-        Some(s) => (Some(s.paused.clone()), Some(s)),
+    let (paused, mut handoff) = match shared {
+        Some(s) => (Some(s.paused), Some(s.handoff)),
         None => (None, None),
     };
-    let mut listener = Some(Listening::Parked(listener));
+    // In the runtime unless the event loops accept; re-set only when that changes.
+    let start_paused = paused.as_ref().is_some_and(|p| *p.borrow());
+    let mut listener = match Listening::Parked(listener).set(start_paused) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(entry_point = %name, error = %e, "cannot register the listener");
+            return;
+        }
+    };
+    let switched = next_switch(paused);
+    tokio::pin!(switched);
     let mut conns = Open::default();
     let mut backoff = Duration::from_millis(5);
     // tagway's workers are current-thread runtimes: keep their connections' timers from waking
@@ -433,31 +444,32 @@ pub async fn accept_loop<F, Fut>(
             },
         };
         let (stream, peer, handed) = loop {
-            let pause = paused.as_mut().is_some_and(|p| *p.borrow_and_update());
-            let Some(l) = listener.take() else {
-                break 'accept;
-            };
-            match l.set(pause) {
-                Ok(l) => listener = Some(l),
-                Err(e) => {
-                    tracing::error!(entry_point = %name, error = %e, "cannot register the listener");
-                    break 'accept;
-                }
-            }
             let Some(l) = listener.as_ref() else {
                 break 'accept;
             };
             tokio::select! {
                 biased;
                 _ = &mut stopped => break 'accept,
-                Some((s, peer)) = handed_over(&mut shared) => match TcpStream::from_std(s) {
+                Some((s, peer)) = handed_over(&mut handoff) => match TcpStream::from_std(s) {
                     Ok(s) => break (s, peer, true),
                     Err(e) => {
                         tracing::warn!(entry_point = %name, error = %e, "cannot register a connection");
                         continue;
                     }
                 },
-                () = switched(&mut paused) => continue,
+                rx = &mut switched => {
+                    let pause = *rx.borrow();
+                    switched.set(next_switch(Some(rx)));
+                    match listener.take().map(|l| l.set(pause)) {
+                        Some(Ok(l)) => listener = Some(l),
+                        Some(Err(e)) => {
+                            tracing::error!(entry_point = %name, error = %e, "cannot register the listener");
+                            break 'accept;
+                        }
+                        None => break 'accept,
+                    }
+                    continue;
+                }
                 res = l.accept() => match res {
                     Ok((s, peer)) => break (s, peer, false),
                     Err(e) => {

@@ -38,7 +38,7 @@ use crate::conn::{EntryPointState, Options};
 use crate::copy::splice::{CHUNK, Mode, Pipe, SMALL, keep, recv, send, splice};
 use crate::copy::{Outcome, Transferred};
 use crate::entrypoint::{is_per_connection_error, is_resource_error};
-use crate::metrics::{Counters, EntryPointCounters};
+use crate::metrics::EntryPointCounters;
 use crate::observability::counters::Failure;
 use crate::observability::tally::Tally;
 use crate::router::{ConnInfo, Route};
@@ -50,41 +50,39 @@ pub type Handoff = (std::net::TcpStream, SocketAddr);
 
 /// Which path accepts an entry point's connections now: the event loops (`true`) or its tokio
 /// accept loops. Set by the server after every configuration change.
+/// One value (`true`: the event loops) that the event loops read when woken and the tokio accept
+/// loops watch.
 #[derive(Debug)]
 pub struct Switch {
-    event_loops: AtomicBool,
-    tokio_paused: watch::Sender<bool>,
+    to_loops: watch::Sender<bool>,
 }
 
 impl Switch {
     /// A switch with the tokio accept loops accepting.
     pub fn new() -> Arc<Switch> {
         Arc::new(Switch {
-            event_loops: AtomicBool::new(false),
-            tokio_paused: watch::channel(false).0,
+            to_loops: watch::channel(false).0,
         })
     }
 
     /// Hands the entry point to the event loops (`true`) or to tokio; true when that changed
     /// (the event loops must then be woken: [`Waker::wake`]).
     pub fn set(&self, event_loops: bool) -> bool {
-        let was = self.event_loops.swap(event_loops, Ordering::AcqRel);
-        self.tokio_paused.send_if_modified(|p| {
-            let changed = *p != event_loops;
-            *p = event_loops;
+        self.to_loops.send_if_modified(|v| {
+            let changed = *v != event_loops;
+            *v = event_loops;
             changed
-        });
-        was != event_loops
+        })
     }
 
     /// True while the event loops accept.
     pub fn event_loops(&self) -> bool {
-        self.event_loops.load(Ordering::Acquire)
+        *self.to_loops.borrow()
     }
 
     /// For a tokio accept loop: `true` while it must not accept.
     pub fn tokio_paused(&self) -> watch::Receiver<bool> {
-        self.tokio_paused.subscribe()
+        self.to_loops.subscribe()
     }
 }
 
@@ -381,9 +379,10 @@ impl Dir {
 /// A connection being dialled.
 struct Dialing {
     pick: Pick,
+    /// The server's address (`is_plain`: an IP address).
+    peer: SocketAddr,
     started: Instant,
     deadline: Option<Instant>,
-    timeout: Option<Duration>,
 }
 
 /// A connection being proxied (the server's and service's open gauges count it while it lives).
@@ -399,12 +398,8 @@ struct Proxying {
 
 impl Proxying {
     fn new(pick: Pick) -> Proxying {
-        let open = |c: &Counters| {
-            c.connections.fetch_add(1, Ordering::Relaxed);
-            c.open.fetch_add(1, Ordering::Relaxed);
-        };
-        open(&pick.server.counters);
-        open(&pick.service.counters);
+        pick.server.counters.opened();
+        pick.service.counters.opened();
         Proxying {
             pick,
             up: Dir::new(),
@@ -419,16 +414,8 @@ impl Drop for Proxying {
     fn drop(&mut self) {
         self.up.finish();
         self.down.finish();
-        self.pick
-            .server
-            .counters
-            .open
-            .fetch_sub(1, Ordering::Relaxed);
-        self.pick
-            .service
-            .counters
-            .open
-            .fetch_sub(1, Ordering::Relaxed);
+        self.pick.server.counters.closed();
+        self.pick.service.counters.closed();
     }
 }
 
@@ -468,7 +455,7 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.route.counters.open.fetch_sub(1, Ordering::Relaxed);
+        self.route.counters.closed();
     }
 }
 
@@ -726,49 +713,38 @@ impl EventLoop {
         let Some(e) = self.entries.get_mut(idx) else {
             return;
         };
-        let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: `storage` and `len` are valid for accept4 to fill.
-        let fd = unsafe {
-            libc::accept4(
-                e.spec.listener.as_raw_fd(),
-                storage.as_mut_ptr().cast(),
-                &mut len,
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
+        let listener = e.spec.listener.as_raw_fd();
+        // SAFETY: try_init hands accept4 a zeroed address storage and its length to fill; the
+        // descriptor accept4 returns is new and owned by nobody else.
+        let accepted = unsafe {
+            socket2::SockAddr::try_init(|storage, len| {
+                let fd = libc::accept4(
+                    listener,
+                    storage.cast(),
+                    len,
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                );
+                if fd < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(OwnedFd::from_raw_fd(fd))
+                }
+            })
         };
-        let counters = &e.spec.state.counters;
-        if fd < 0 {
-            let err = io::Error::last_os_error();
-            if would_block(&err) {
+        let (client, addr) = match accepted {
+            Ok(a) => a,
+            Err(err) => {
+                if backs_off(e, &err) {
+                    self.sync_listeners();
+                }
                 return;
             }
-            EntryPointCounters::inc(&counters.accept_errors);
-            let name = &e.spec.state.name;
-            if is_per_connection_error(&err) {
-                tracing::debug!(entry_point = %name, error = %err, "accept failed");
-                return;
-            }
-            if is_resource_error(&err) {
-                tracing::warn!(entry_point = %name, error = %err, backoff = ?e.backoff,
-                    "accept failed: out of resources, backing off");
-            } else {
-                tracing::warn!(entry_point = %name, error = %err, backoff = ?e.backoff,
-                    "accept failed, backing off");
-            }
-            e.backoff_until = Some(Instant::now() + e.backoff);
-            e.backoff = (e.backoff * 2).min(Duration::from_secs(1));
-            self.sync_listeners();
-            return;
-        }
+        };
         e.backoff = Duration::from_millis(5);
-        // SAFETY: accept4 returned a new descriptor nobody else owns.
-        let client = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: accept4 filled `storage` (zeroed before) with the peer's address.
-        let Some(peer) = socket_addr(unsafe { storage.assume_init_ref() }) else {
+        let Some(peer) = addr.as_socket() else {
             return;
         };
-        EntryPointCounters::inc(&counters.accepted);
+        EntryPointCounters::inc(&e.spec.state.counters.accepted);
         let ep = e.spec.state.clone();
         self.route(idx, client, peer, ep);
     }
@@ -793,7 +769,7 @@ impl EventLoop {
         };
         let Some(route) = table.route(&info).cloned() else {
             EntryPointCounters::inc(&ep.counters.unrouted);
-            tracing::debug!(entry_point = %ep.name, client = %peer, sni = ?None::<&str>, tls = false, "no router matches; closing");
+            tracing::debug!(entry_point = %ep.name, client = %peer, tls = false, "no router matches; closing");
             Tally::start(ep, peer).fail(Failure::NoRoute);
             return;
         };
@@ -813,8 +789,7 @@ impl EventLoop {
                 return;
             }
         };
-        route.counters.connections.fetch_add(1, Ordering::Relaxed);
-        route.counters.open.fetch_add(1, Ordering::Relaxed);
+        route.counters.opened();
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -835,7 +810,7 @@ impl EventLoop {
             conn_token(slot, epoch, false),
         ) {
             tracing::warn!(entry_point = %ep.name, error = %e, "event loop: cannot register a connection");
-            route.counters.open.fetch_sub(1, Ordering::Relaxed);
+            route.counters.closed();
             self.free.push(slot);
             return;
         }
@@ -907,27 +882,13 @@ impl EventLoop {
             };
             let Some(pick) = pick else {
                 let route = c.route.clone();
-                route
-                    .service
-                    .service
-                    .counters
-                    .no_server
-                    .fetch_add(1, Ordering::Relaxed);
-                c.tally.fail_route(
-                    &route,
-                    if c.tried.is_empty() {
-                        Failure::NoHealthyServer
-                    } else {
-                        Failure::DialFailed
-                    },
-                );
-                tracing::warn!(router = %route.name, service = %route.service.service.name, client = %c.peer,
-                    "no server available; closing the connection");
+                let tried = !c.tried.is_empty();
+                crate::conn::no_server(&route, &mut c.tally, tried, c.peer);
                 self.close(slot);
                 return;
             };
             c.attempts += 1;
-            let (Some(transport), Some(addr)) = (
+            let (Some(transport), Some(peer)) = (
                 pick.service.transport.as_ref(),
                 pick.server.address.socket_addr(),
             ) else {
@@ -935,36 +896,28 @@ impl EventLoop {
                 c.attempts = attempts;
                 continue;
             };
-            match connect(addr, transport.socket_options()) {
+            let started = Instant::now();
+            let registered = connect(peer, transport.socket_options()).and_then(|fd| {
+                epoll_ctl(
+                    epfd,
+                    libc::EPOLL_CTL_ADD,
+                    fd.as_raw_fd(),
+                    CONN_EVENTS,
+                    conn_token(slot, epoch, true),
+                )
+                .map(|()| fd)
+                .map_err(|error| DialErrorKind::Socket { peer, error })
+            });
+            match registered {
                 Ok(fd) => {
-                    if let Err(e) = epoll_ctl(
-                        epfd,
-                        libc::EPOLL_CTL_ADD,
-                        fd.as_raw_fd(),
-                        CONN_EVENTS,
-                        conn_token(slot, epoch, true),
-                    ) {
-                        dial_failed(
-                            c,
-                            pick,
-                            DialErrorKind::Socket {
-                                peer: addr,
-                                error: e,
-                            },
-                            hold_out,
-                        );
-                        continue;
-                    }
-                    let started = Instant::now();
-                    let timeout = transport.dial_timeout();
-                    let deadline = timeout.map(|t| started + t);
+                    let deadline = transport.dial_timeout().map(|t| started + t);
                     c.backend = Some(fd);
                     c.br = Ready::default();
                     c.state = State::Dialing(Dialing {
                         pick,
+                        peer,
                         started,
                         deadline,
-                        timeout,
                     });
                     if let Some(at) = deadline {
                         self.timers.insert((at, slot, epoch));
@@ -997,7 +950,7 @@ impl EventLoop {
                 return;
             }
             if c.br.err {
-                let peer = d.pick.server.address.socket_addr();
+                let peer = d.peer;
                 let error = c
                     .backend
                     .as_ref()
@@ -1009,14 +962,7 @@ impl EventLoop {
                 if let Some(at) = d.deadline {
                     self.timers.remove(&(at, slot, epoch));
                 }
-                c.backend = None;
-                let kind = match peer {
-                    Some(peer) => DialErrorKind::Connect { peer, error },
-                    None => DialErrorKind::InvalidAddress {
-                        message: error.to_string(),
-                    },
-                };
-                dial_failed(c, d.pick, kind, hold_out);
+                dial_failed(c, d.pick, DialErrorKind::Connect { peer, error }, hold_out);
                 self.dial(slot);
                 return;
             }
@@ -1029,12 +975,7 @@ impl EventLoop {
             if let Some(at) = d.deadline {
                 self.timers.remove(&(at, slot, epoch));
             }
-            let took = d.started.elapsed();
-            let counters = &d.pick.server.counters;
-            counters.dial_duration.observe(took);
-            counters
-                .dial_micros
-                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            crate::conn::dialled(&d.pick, d.started.elapsed());
             c.tally.connected(&d.pick);
             c.state = State::Proxying(Proxying::new(d.pick));
         }
@@ -1080,9 +1021,9 @@ impl EventLoop {
         if (tb, tc) != p.metered {
             let (d_up, d_down) = (tb - p.metered.0, tc - p.metered.1);
             p.metered = (tb, tc);
-            c.route.counters.add_bytes(d_up, d_down);
-            p.pick.service.counters.add_bytes(d_up, d_down);
-            p.pick.server.counters.add_bytes(d_up, d_down);
+            for sink in crate::conn::sinks(&c.route, &p.pick) {
+                sink.add_bytes(d_up, d_down);
+            }
         }
         let outcome = match (up, down) {
             (Err(e), _) | (_, Err(e)) => Some(Outcome::Error(e)),
@@ -1120,9 +1061,7 @@ impl EventLoop {
                 to_client: p.down.amt,
             };
             c.tally.finished(&p.pick, &t, &outcome);
-            if let Outcome::Error(e) = &outcome {
-                tracing::trace!(router = %c.route.name, server = %p.pick.server.address, error = %e, "connection ended by an error");
-            }
+            crate::conn::ended(&c.route, &p.pick, &outcome);
         }
         self.close(slot);
     }
@@ -1155,7 +1094,13 @@ impl EventLoop {
                         continue;
                     };
                     c.backend = None;
-                    let after = d.timeout.unwrap_or_default();
+                    let after = d
+                        .pick
+                        .service
+                        .transport
+                        .as_ref()
+                        .and_then(|t| t.dial_timeout())
+                        .unwrap_or_default();
                     dial_failed(
                         c,
                         d.pick,
@@ -1177,74 +1122,49 @@ impl EventLoop {
 fn dial_failed(c: &mut Conn, pick: Pick, kind: DialErrorKind, hold_out: Duration) {
     c.backend = None;
     let e = DialError::new(pick.server.address.as_str(), kind);
-    let reason = e.reason();
-    pick.server.counters.dial_error(reason);
-    pick.service.counters.dial_error(reason);
-    pick.server.hold_out(hold_out);
-    tracing::warn!(router = %c.route.name, service = %pick.service.name, error = %e,
-        reason = reason.as_str(), "dial failed; trying the next server");
+    crate::conn::dial_failed(&c.route, &pick, &e, hold_out);
     c.tried.push(pick.server);
 }
 
-/// A non-blocking socket with the transport's options, connecting to `addr`.
+/// Counts and logs a failed accept on `e`; true for an error that may repeat (EMFILE …): the
+/// listener then stays out of the epoll instance until the back-off has passed.
+fn backs_off(e: &mut Entry, err: &io::Error) -> bool {
+    if would_block(err) {
+        return false;
+    }
+    EntryPointCounters::inc(&e.spec.state.counters.accept_errors);
+    let name = &e.spec.state.name;
+    if is_per_connection_error(err) {
+        tracing::debug!(entry_point = %name, error = %err, "accept failed");
+        return false;
+    }
+    if is_resource_error(err) {
+        tracing::warn!(entry_point = %name, error = %err, backoff = ?e.backoff,
+            "accept failed: out of resources, backing off");
+    } else {
+        tracing::warn!(entry_point = %name, error = %err, backoff = ?e.backoff,
+            "accept failed, backing off");
+    }
+    e.backoff_until = Some(Instant::now() + e.backoff);
+    e.backoff = (e.backoff * 2).min(Duration::from_secs(1));
+    true
+}
+
+/// A socket with the transport's options (the tokio path's socket set-up: non-blocking,
+/// close-on-exec, `dialKeepAlive`, TCP_NODELAY), connecting to `addr`.
 fn connect(
     addr: SocketAddr,
     opts: tagway_transport::socket::SocketOptions,
 ) -> Result<OwnedFd, DialErrorKind> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: no memory arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(DialErrorKind::Socket {
-            peer: addr,
-            error: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: a new descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let sock = SockRef::from(&fd);
-    opts.apply_fresh(sock)
+    let socket = opts
+        .socket(addr)
         .map_err(|error| DialErrorKind::Socket { peer: addr, error })?;
+    // SAFETY: the socket gives up its descriptor, which nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(socket)) };
     match SockRef::from(&fd).connect(&addr.into()) {
         Ok(()) => Ok(fd),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(fd),
         Err(error) => Err(DialErrorKind::Connect { peer: addr, error }),
-    }
-}
-
-/// The address in a `sockaddr_storage` filled by the kernel (IPv4 or IPv6).
-fn socket_addr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-    match libc::c_int::from(ss.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in (it is large enough).
-            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6 (it is large enough).
-            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(a.sin6_addr.s6_addr),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
     }
 }
 

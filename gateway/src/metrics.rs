@@ -36,9 +36,20 @@ pub struct Counters {
 impl Counters {
     /// Counts one connection opening; the guard counts it closing.
     pub fn open(&self) -> OpenGuard<'_> {
+        self.opened();
+        OpenGuard(self)
+    }
+
+    /// Counts one connection opening, for a connection whose state is not on a task's stack
+    /// (the event loops): [`Counters::closed`] counts it closing.
+    pub fn opened(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(self)
+    }
+
+    /// Counts a connection counted by [`Counters::opened`] closing.
+    pub fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Counts a failed dial.
@@ -64,7 +75,7 @@ pub struct OpenGuard<'a>(&'a Counters);
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.closed();
     }
 }
 

@@ -70,12 +70,6 @@ impl SocketOptions {
         self.apply_inner(socket, false)
     }
 
-    /// Applies the options to a socket just created (keep-alive and TCP_NODELAY still off): the
-    /// calls that would only turn them off are skipped.
-    pub fn apply_fresh(&self, socket: SockRef<'_>) -> io::Result<()> {
-        self.apply_inner(socket, true)
-    }
-
     /// Applies the options; `fresh` sockets start with keep-alive and TCP_NODELAY off, so turning
     /// them off is skipped (one syscall less per dial).
     fn apply_inner(&self, socket: SockRef<'_>, fresh: bool) -> io::Result<()> {
