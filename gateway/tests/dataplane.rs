@@ -118,20 +118,6 @@ fn sni_config(one: SocketAddr, two: SocketAddr, passthrough: bool) -> Dynamic {
     d
 }
 
-async fn tls_read(addr: SocketAddr, ca: &str, name: &str) -> String {
-    tls_read_alpn(addr, ca, name, &[]).await
-}
-
-/// [`tls_read`] with a client offering the ALPN protocols `alpn`.
-async fn tls_read_alpn(addr: SocketAddr, ca: &str, name: &str, alpn: &[&[u8]]) -> String {
-    let c = TcpStream::connect(addr).await.unwrap();
-    let sn = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let mut t = tls_client_alpn(ca, alpn).connect(sn, c).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn sni_routing_with_passthrough() {
     let (c1, k1) = cert(&["one.example"]);

@@ -43,15 +43,6 @@ fn mixed(plain: SocketAddr, tls: SocketAddr) -> Dynamic {
     d
 }
 
-async fn tls_read(addr: SocketAddr, ca: &str, name: &str) -> String {
-    let c = TcpStream::connect(addr).await.unwrap();
-    let sn = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let mut t = tls_client(ca).connect(sn, c).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn tls_routes_hand_the_entry_point_to_tokio_and_back_without_cutting_connections() {
     let plain = named_backend("PLAIN").await;
